@@ -1,0 +1,374 @@
+"""Which decoder layers route, and which of them each pipeline stage builds.
+
+Layer ids are global and 0-based everywhere in routereplay. Megatron numbers its
+routers 1-based (`TopKRouter.layer_number`); convert at the adapter, never here.
+MTP (multi-token-prediction) layers sit after the decoder layers
+(`num_layers ... num_layers + mtp - 1`), as DeepSeek-V3 checkpoints number them,
+and are kept apart from `moe_layers` so that decoder routes never reach them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from routereplay.errors import LayoutError
+from routereplay.errors import short_ids as _short
+
+# Keys that only an MoE config carries: an unknown model type with one of these
+# set is an MoE family we do not know, not a dense model.
+_ROUTER_KEYS = (
+    "num_experts",
+    "n_routed_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "num_moe_experts",
+)
+_EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+_MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers")
+
+_DEEPSEEK_STYLE = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe")
+_QWEN_STYLE = ("qwen2_moe", "qwen3_moe", "qwen3_next")
+_ALL_LAYERS_ROUTE = ("mixtral", "olmoe", "gpt_oss")
+SUPPORTED_HF_FAMILIES = _DEEPSEEK_STYLE + _QWEN_STYLE + _ALL_LAYERS_ROUTE
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """The routing shape of a model: which global layers route, to how many experts.
+
+    `moe_layers` are global 0-based decoder layer ids that have a router;
+    `mtp_layers` are the ids of routed MTP layers, numbered after the decoder.
+    """
+
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    mtp_layers: tuple[int, ...] = ()
+    family: str = "custom"
+    _moe_set: frozenset[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))
+        object.__setattr__(self, "_moe_set", frozenset(self.moe_layers))
+        object.__setattr__(self, "mtp_layers", tuple(int(i) for i in self.mtp_layers))
+        if self.num_layers < 1:
+            raise LayoutError(f"num_layers must be at least 1, found {self.num_layers}.")
+        if not self.moe_layers:
+            raise LayoutError(
+                f"{self.family}: no layer routes (moe_layers is empty); a dense model "
+                "has nothing to replay."
+            )
+        _check_increasing(self.moe_layers, 0, self.num_layers, "moe_layers")
+        mtp_end = self.num_layers + len(self.mtp_layers)
+        _check_increasing(self.mtp_layers, self.num_layers, mtp_end, "mtp_layers")
+        if self.num_experts < 1:
+            raise LayoutError(f"num_experts must be at least 1, found {self.num_experts}.")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise LayoutError(
+                f"top_k must be in [1, num_experts={self.num_experts}], found {self.top_k}: "
+                "a router cannot pick more distinct experts than exist."
+            )
+
+    # -- constructors -----------------------------------------------------------------
+
+    @classmethod
+    def from_dense_pattern(
+        cls,
+        pattern: Sequence[int | bool],
+        num_experts: int,
+        top_k: int,
+        mtp_layers: int = 0,
+        family: str = "custom",
+    ) -> MoELayout:
+        """Layout from one flag per decoder layer: 1 (or True) where the layer routes."""
+        bad = [v for v in pattern if v not in (0, 1)]
+        if bad:
+            raise LayoutError(f"A dense/MoE pattern holds only 0 and 1, found {bad[:4]}.")
+        n = len(pattern)
+        return cls(
+            num_layers=n,
+            moe_layers=tuple(i for i, v in enumerate(pattern) if v),
+            num_experts=num_experts,
+            top_k=top_k,
+            mtp_layers=tuple(range(n, n + mtp_layers)),
+            family=family,
+        )
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> MoELayout:
+        """Layout of a transformers config object or a config.json dict.
+
+        Multimodal configs are read through their `text_config`.
+        """
+        cfg = _ConfigView(config)
+        text = cfg.get("text_config")
+        if text is not None:
+            cfg = _ConfigView(text)
+        model_type = str(cfg.get("model_type") or "")
+        if model_type not in SUPPORTED_HF_FAMILIES:
+            found = [k for k in _ROUTER_KEYS if cfg.get(k)]
+            what = (
+                f"an MoE config (it sets {', '.join(found)}) of an unsupported family"
+                if found
+                else "not an MoE config we know"
+            )
+            raise LayoutError(
+                f"model_type {model_type!r} is {what}. Supported: "
+                f"{', '.join(SUPPORTED_HF_FAMILIES)}. For anything else build the layout "
+                "directly: MoELayout(num_layers=..., moe_layers=..., num_experts=..., top_k=...)."
+            )
+        num_layers = int(cfg.require("num_hidden_layers", model_type))
+        top_k = int(cfg.require("num_experts_per_tok", model_type))
+        mtp = int(next((cfg.get(k) for k in _MTP_KEYS if cfg.get(k)), 0) or 0)
+        # Each family's own key first; transformers 5 renames some (Qwen3-MoE stores
+        # num_local_experts where its config.json says num_experts).
+        num_experts = int(cfg.require_any(_EXPERT_KEYS, model_type))
+        if model_type in _DEEPSEEK_STYLE:
+            first_dense = int(cfg.get("first_k_dense_replace") or 0)
+            freq = int(cfg.get("moe_layer_freq") or 1)
+            pattern = [int(i >= first_dense and i % freq == 0) for i in range(num_layers)]
+        elif model_type in _QWEN_STYLE:
+            dense = set(cfg.get("mlp_only_layers") or ())
+            step = int(cfg.get("decoder_sparse_step") or 1)
+            outside = sorted(i for i in dense if not 0 <= i < num_layers)
+            if outside:
+                raise LayoutError(
+                    f"{model_type}: mlp_only_layers {outside} lie outside the "
+                    f"{num_layers} decoder layers; ids are 0-based."
+                )
+            pattern = [
+                int(i not in dense and num_experts > 0 and (i + 1) % step == 0)
+                for i in range(num_layers)
+            ]
+        else:
+            pattern = [1] * num_layers
+        return cls.from_dense_pattern(pattern, num_experts, top_k, mtp, family=model_type)
+
+    @classmethod
+    def from_megatron_config(cls, config: Any) -> MoELayout:
+        """Layout of a megatron-core `TransformerConfig` (or anything with its fields).
+
+        `moe_layer_freq` as an int f routes layer i when i % f == 0 (Megatron's rule,
+        not Hugging Face's); as a list it is one 0/1 flag per layer.
+        """
+        num_experts = getattr(config, "num_moe_experts", None)
+        if not num_experts:
+            raise LayoutError(
+                "TransformerConfig.num_moe_experts is not set: this Megatron model has no routers."
+            )
+        num_layers = int(config.num_layers)
+        freq = getattr(config, "moe_layer_freq", 1)
+        if isinstance(freq, int):
+            if freq < 1:
+                raise LayoutError(f"moe_layer_freq must be at least 1, found {freq}.")
+            pattern = [int(i % freq == 0) for i in range(num_layers)]
+        else:
+            pattern = list(freq)
+            if len(pattern) != num_layers:
+                raise LayoutError(
+                    f"moe_layer_freq lists {len(pattern)} flags but num_layers is {num_layers}: "
+                    "give exactly one 0/1 flag per decoder layer."
+                )
+        mtp = int(getattr(config, "mtp_num_layers", None) or 0)
+        return cls.from_dense_pattern(
+            pattern, int(num_experts), int(config.moe_router_topk), mtp, family="megatron"
+        )
+
+    # -- queries ----------------------------------------------------------------------
+
+    def is_moe(self, layer: int) -> bool:
+        """True when decoder layer `layer` (global, 0-based) has a router."""
+        self._check_layer(layer)
+        return layer in self._moe_set
+
+    def moe_ordinal(self, layer: int) -> int:
+        """Position of `layer` among the routed layers: the index on a routed-only axis."""
+        self._check_layer(layer)
+        try:
+            return self.moe_layers.index(layer)
+        except ValueError:
+            raise LayoutError(
+                f"Layer {layer} is dense in this {self.family} layout; routed layers are "
+                f"{_short(self.moe_layers)}."
+            ) from None
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self._moe_set)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What a trace must agree with to be replayed on this model."""
+        return {
+            "num_layers": self.num_layers,
+            "moe_layers": list(self.moe_layers),
+            "mtp_layers": list(self.mtp_layers),
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+        }
+
+    def stage_layers(
+        self,
+        pp_size: int,
+        pp_rank: int,
+        vp_size: int = 1,
+        vp_stage: int = 0,
+        first_stage_layers: int | None = None,
+        last_stage_layers: int | None = None,
+        account_for_embedding: bool = False,
+        account_for_loss: bool = False,
+    ) -> tuple[int, ...]:
+        """Global decoder layer ids that megatron-core builds on (pp_rank, vp_stage).
+
+        Matches `get_transformer_layer_offset` / `get_num_layers_to_build`, including
+        uneven first/last stages (`num_layers_in_{first,last}_pipeline_stage`) and the
+        embedding/loss pseudo-layers (`account_for_{embedding,loss}_in_pipeline_split`).
+        """
+        sizes = _chunk_sizes(
+            self.num_layers,
+            pp_size,
+            vp_size,
+            first_stage_layers,
+            last_stage_layers,
+            account_for_embedding,
+            account_for_loss,
+        )
+        if not (0 <= pp_rank < pp_size and 0 <= vp_stage < vp_size):
+            raise LayoutError(
+                f"(pp_rank={pp_rank}, vp_stage={vp_stage}) is outside a pipeline of "
+                f"pp_size={pp_size}, vp_size={vp_size}."
+            )
+        # Megatron places chunks round by round: virtual stage 0 of every rank, then
+        # virtual stage 1 of every rank, and so on.
+        chunk = vp_stage * pp_size + pp_rank
+        offset = sum(sizes[:chunk])
+        return tuple(range(offset, offset + sizes[chunk]))
+
+    def stage_moe_layers(self, *args: Any, **kwargs: Any) -> tuple[int, ...]:
+        """The routed subset of `stage_layers(...)`, same arguments."""
+        return tuple(i for i in self.stage_layers(*args, **kwargs) if i in self._moe_set)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise LayoutError(
+                f"Layer {layer} is outside the {self.num_layers} decoder layers of this "
+                f"{self.family} layout (ids are global and 0-based)."
+            )
+
+
+def _chunk_sizes(
+    num_layers: int,
+    pp_size: int,
+    vp_size: int,
+    first: int | None,
+    last: int | None,
+    account_for_embedding: bool,
+    account_for_loss: bool,
+) -> list[int]:
+    """Layers per model chunk, in Megatron's placement order (vp_stage major, pp_rank minor)."""
+    if pp_size < 1 or vp_size < 1:
+        raise LayoutError(f"pp_size and vp_size must be at least 1, found {pp_size}, {vp_size}.")
+    if vp_size > 1 and pp_size == 1:
+        raise LayoutError("Virtual pipeline stages (vp_size > 1) need pp_size > 1.")
+    uneven = first is not None or last is not None
+    if uneven and pp_size == 1:
+        raise LayoutError("first/last stage layer counts need pp_size > 1.")
+    if uneven and (account_for_embedding or account_for_loss):
+        raise LayoutError(
+            "Uneven first/last stages cannot be combined with account_for_embedding/loss "
+            "(megatron-core rejects it too)."
+        )
+    if uneven:
+        return _uneven_chunk_sizes(num_layers, pp_size, vp_size, first, last)
+
+    # Embedding and loss count as pseudo-layers at the two ends of the split.
+    slots = num_layers + int(account_for_embedding) + int(account_for_loss)
+    if slots % pp_size:
+        raise LayoutError(
+            f"{slots} layers{_pseudo(account_for_embedding, account_for_loss)} do not divide "
+            f"over pp_size={pp_size}: use a layer count divisible by {pp_size}, or set "
+            "first/last stage layer counts."
+        )
+    per_rank = slots // pp_size
+    if per_rank % vp_size:
+        raise LayoutError(
+            f"{per_rank} layers per pipeline rank do not divide into vp_size={vp_size} "
+            "virtual stages."
+        )
+    sizes = [per_rank // vp_size] * (pp_size * vp_size)
+    sizes[0] -= int(account_for_embedding)
+    sizes[-1] -= int(account_for_loss)
+    if min(sizes) < 0:
+        raise LayoutError("A stage is too small to hold the embedding or loss pseudo-layer.")
+    return sizes
+
+
+def _uneven_chunk_sizes(
+    num_layers: int, pp_size: int, vp_size: int, first: int | None, last: int | None
+) -> list[int]:
+    middle_ranks = pp_size - (first is not None) - (last is not None)
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    for name, count in (("first", first), ("last", last)):
+        if count is not None and (count <= 0 or count % vp_size):
+            raise LayoutError(
+                f"The {name} stage holds {count} layers; it must be positive and divisible "
+                f"by vp_size={vp_size}."
+            )
+    if middle_layers < 0 or bool(middle_layers) != bool(middle_ranks):
+        raise LayoutError(
+            f"{middle_layers} layers remain for {middle_ranks} middle pipeline ranks after the "
+            f"first ({first}) and last ({last}) stages: both must be zero or both positive."
+        )
+    per_middle = middle_layers // middle_ranks if middle_ranks else 0
+    if middle_ranks and (middle_layers % middle_ranks or per_middle % vp_size):
+        raise LayoutError(
+            f"{middle_layers} middle layers must divide over {middle_ranks} middle ranks and "
+            f"then over vp_size={vp_size} virtual stages."
+        )
+    per_rank = [per_middle] * pp_size
+    if first is not None:
+        per_rank[0] = first
+    if last is not None:
+        per_rank[-1] = last
+    return [n // vp_size for _ in range(vp_size) for n in per_rank]
+
+
+def _pseudo(embedding: bool, loss: bool) -> str:
+    extra = [name for name, on in (("embedding", embedding), ("loss", loss)) if on]
+    return f" (counting {' and '.join(extra)})" if extra else ""
+
+
+def _check_increasing(ids: tuple[int, ...], lo: int, hi: int, name: str) -> None:
+    for a, b in zip(ids, ids[1:], strict=False):
+        if b <= a:
+            raise LayoutError(f"{name} must be strictly increasing, found {a} before {b}.")
+    if ids and not (lo <= ids[0] and ids[-1] < hi):
+        raise LayoutError(f"{name} must lie in [{lo}, {hi}), found {_short(ids)}.")
+
+
+class _ConfigView:
+    """Reads a transformers config object (with its attribute aliases) or a plain dict."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+
+    def get(self, key: str) -> Any:
+        if isinstance(self._config, Mapping):
+            return self._config.get(key)
+        return getattr(self._config, key, None)
+
+    def require(self, key: str, model_type: str) -> Any:
+        return self.require_any((key,), model_type)
+
+    def require_any(self, keys: tuple[str, ...], model_type: str) -> Any:
+        for key in keys:
+            value = self.get(key)
+            if value is not None:
+                return value
+        raise LayoutError(f"{model_type} config has no {' or '.join(keys)}; cannot build a layout.")
