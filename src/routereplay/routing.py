@@ -1,0 +1,187 @@
+"""Router math as pure functions: native top-k selection, and gate weights for given ids.
+
+Replay only changes *which* experts a token goes to. The gate weights are always
+recomputed from the live router logits at the chosen ids (`gate_weights`), so the
+router keeps its gradient. `select` is built on `gate_weights`, which makes
+`gate_weights(logits, select(logits).ids) == select(logits).weights` hold bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from routereplay.errors import LayoutError
+
+ScoreFunction = Literal["softmax", "sigmoid", "softmax_topk"]
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How one router turns logits `[tokens, experts]` into ids and gate weights.
+
+    score:
+        "softmax"       probabilities over all experts, top-k of them (Qwen, Mixtral, OLMoE).
+        "sigmoid"       independent sigmoid scores (DeepSeek-V3, GLM4-MoE).
+        "softmax_topk"  top-k on raw logits, softmax over the k chosen (GPT-OSS, Megatron's
+                        default `moe_router_pre_softmax=False`).
+    renormalize:       divide the k weights by their sum (plus `renorm_eps`).
+    scaling_factor:    multiply the final weights (DeepSeek `routed_scaling_factor`).
+    n_group, topk_group, group_score_top:
+                       group-limited top-k: experts split into `n_group` groups, each group
+                       scored by the sum of its best `group_score_top` scores (1 = the max),
+                       only the best `topk_group` groups are eligible.
+    masked_score:      the score given to experts in ineligible groups.
+    sorted_ids:        whether native ids come sorted by score (torch.topk `sorted`).
+    upcast:            compute scores in float32 whatever the logits' dtype.
+    weights_in_logits_dtype:
+                       cast the final weights back to the logits' dtype (Qwen does, Mixtral
+                       and DeepSeek keep float32).
+    """
+
+    top_k: int
+    score: ScoreFunction = "softmax"
+    renormalize: bool = False
+    renorm_eps: float = 0.0
+    scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score_top: int = 1
+    masked_score: float = float("-inf")
+    sorted_ids: bool = True
+    upcast: bool = True
+    weights_in_logits_dtype: bool = False
+
+    def __post_init__(self) -> None:
+        if self.score not in ("softmax", "sigmoid", "softmax_topk"):
+            raise LayoutError(
+                f"RouterSpec.score must be softmax, sigmoid or softmax_topk, found {self.score!r}."
+            )
+        if self.top_k < 1:
+            raise LayoutError(f"RouterSpec.top_k must be at least 1, found {self.top_k}.")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise LayoutError(
+                f"topk_group must be in [1, n_group={self.n_group}], found {self.topk_group}."
+            )
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_group > 1
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> RouterSpec:
+        """The spec of the router a transformers model of this config builds."""
+        from routereplay.layout import MoELayout, _ConfigView
+
+        layout = MoELayout.from_hf_config(config)  # validates the family and the fields
+        cfg = _ConfigView(config)
+        text = cfg.get("text_config")
+        if text is not None:
+            cfg = _ConfigView(text)
+        family, top_k = layout.family, layout.top_k
+        norm = bool(cfg.get("norm_topk_prob"))
+        if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe"):
+            return cls(top_k, "softmax", renormalize=norm, weights_in_logits_dtype=True)
+        if family == "mixtral":
+            return cls(top_k, "softmax", renormalize=True)
+        if family == "gpt_oss":
+            return cls(top_k, "softmax_topk", upcast=False, weights_in_logits_dtype=True)
+        scaling = float(cfg.get("routed_scaling_factor") or 1.0)
+        n_group = int(cfg.get("n_group") or 1)
+        topk_group = int(cfg.get("topk_group") or 1)
+        if family == "deepseek_v2":
+            grouped = cfg.get("topk_method") == "group_limited_greedy"
+            return cls(
+                top_k,
+                "softmax",
+                scaling_factor=scaling,
+                n_group=n_group if grouped else 1,
+                topk_group=topk_group if grouped else 1,
+                group_score_top=1,
+                masked_score=0.0,
+                sorted_ids=False,
+            )
+        # DeepSeek-V3 family and GLM4-MoE: sigmoid scores, bias for selection only.
+        return cls(
+            top_k,
+            "sigmoid",
+            renormalize=norm,
+            renorm_eps=1e-20,
+            scaling_factor=scaling,
+            n_group=n_group,
+            topk_group=topk_group,
+            group_score_top=2,
+            sorted_ids=False,
+        )
+
+
+class Routing(NamedTuple):
+    """A router's decision: `weights [tokens, top_k]` and `ids [tokens, top_k]` (int64)."""
+
+    weights: torch.Tensor
+    ids: torch.Tensor
+
+
+def select(
+    logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
+) -> Routing:
+    """Native routing of `logits [tokens, experts]`.
+
+    `bias [experts]` (DeepSeek's `e_score_correction_bias`) shifts the scores used to
+    *choose* experts; the weights come from the unbiased scores.
+    """
+    choice = _scores(logits, spec)
+    if bias is not None:
+        choice = choice + bias
+    if spec.grouped:
+        choice = _mask_groups(choice, spec)
+    with torch.no_grad():
+        ids = torch.topk(choice, spec.top_k, dim=-1, sorted=spec.sorted_ids).indices
+    return Routing(gate_weights(logits, ids, spec), ids)
+
+
+def gate_weights(logits: torch.Tensor, ids: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """Gate weights `[tokens, top_k]` of the experts `ids [tokens, top_k]`, in their order.
+
+    Differentiable with respect to `logits [tokens, experts]`. Every id must be a valid
+    expert (no -1): the controller fills unreplayed rows with native ids first.
+    """
+    if spec.score == "softmax_topk":
+        picked = logits.gather(-1, ids)
+        weights = F.softmax(picked.float() if spec.upcast else picked, dim=-1)
+    else:
+        weights = _scores(logits, spec).gather(-1, ids)
+    if spec.renormalize:
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / (total + spec.renorm_eps if spec.renorm_eps else total)
+    if spec.scaling_factor != 1.0:
+        weights = weights * spec.scaling_factor
+    if spec.weights_in_logits_dtype:
+        weights = weights.to(logits.dtype)
+    return weights
+
+
+def _scores(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """Scores `[tokens, experts]` that native selection ranks."""
+    x = logits.float() if spec.upcast else logits
+    if spec.score == "softmax":
+        return F.softmax(x, dim=-1)
+    if spec.score == "sigmoid":
+        return torch.sigmoid(x)
+    return x
+
+
+def _mask_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """Give every expert outside the `topk_group` best groups `spec.masked_score`."""
+    tokens, experts = choice.shape
+    if experts % spec.n_group:
+        raise LayoutError(f"{experts} experts do not split into n_group={spec.n_group} groups.")
+    grouped = choice.view(tokens, spec.n_group, experts // spec.n_group)
+    group_scores = grouped.topk(spec.group_score_top, dim=-1).values.sum(dim=-1)
+    best = torch.topk(group_scores, spec.topk_group, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    keep = keep.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
+    return choice.masked_fill(~keep, spec.masked_score)
