@@ -1,0 +1,295 @@
+"""`RoutingTrace`: which experts each token went to, on which global layers.
+
+A trace is an integer tensor `experts [..., layers, top_k]` whose leading axes are the
+tokens (`[tokens]` or `[batch, seq]`), plus `layers`: the global 0-based layer id of
+every slot on the layer axis. The layer axis never has to be guessed from its width.
+
+-1 (`NO_ROUTE`) is the only "no route" value: a whole row of -1 means "route this
+(token, layer) natively" (the final sampled token, padding, tool output). 0 is expert 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from routereplay.errors import TraceError, short_ids as _short
+from routereplay.layout import MoELayout
+
+NO_ROUTE = -1
+
+ExpertArray = torch.Tensor | np.ndarray[Any, Any]
+
+
+def storage_dtype(num_experts: int) -> torch.dtype:
+    """Smallest signed dtype holding ids `0..num_experts-1` and the -1 sentinel."""
+    if num_experts <= 1 + torch.iinfo(torch.int8).max:
+        return torch.int8
+    if num_experts <= 1 + torch.iinfo(torch.int16).max:
+        return torch.int16
+    return torch.int32
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingTrace:
+    """Expert ids `experts [..., len(layers), top_k]` over the global layers `layers`.
+
+    Stored in the compact dtype of `storage_dtype(num_experts)`; `expert_ids()` widens
+    to int64 for indexing. Construction validates everything (see `validate`).
+    """
+
+    experts: torch.Tensor
+    layers: tuple[int, ...]
+    num_experts: int
+    source: str = "recorded"
+
+    def __post_init__(self) -> None:
+        experts = _as_int_tensor(self.experts, "experts")
+        layers = tuple(int(i) for i in self.layers)
+        if experts.ndim < 3:
+            raise TraceError(
+                f"experts must be [..., layers, top_k] with at least one token axis, "
+                f"found shape {tuple(experts.shape)}."
+            )
+        if self.num_experts < 1:
+            raise TraceError(f"num_experts must be at least 1, found {self.num_experts}.")
+        # Range check before narrowing, so that an id too large for the compact dtype is
+        # reported instead of wrapping around (a seed bug: ids above 255 in uint8).
+        _check_range(experts, layers, self.num_experts)
+        object.__setattr__(self, "experts", experts.to(storage_dtype(self.num_experts)))
+        object.__setattr__(self, "layers", layers)
+        self.validate()
+
+    # -- shape --------------------------------------------------------------------------
+
+    @property
+    def top_k(self) -> int:
+        return int(self.experts.shape[-1])
+
+    @property
+    def leading_shape(self) -> tuple[int, ...]:
+        """The token axes: `(tokens,)` or `(batch, seq)`."""
+        return tuple(self.experts.shape[:-2])
+
+    @property
+    def num_rows(self) -> int:
+        """Tokens covered: the product of the leading axes."""
+        return int(np.prod(self.leading_shape))
+
+    def expert_ids(self) -> torch.Tensor:
+        """`[..., layers, top_k]` as int64, ready for indexing."""
+        return self.experts.long()
+
+    def routed_mask(self) -> torch.Tensor:
+        """`[..., layers]` bool: True where the row holds a route, False for -1 rows."""
+        return self.experts[..., 0] != NO_ROUTE
+
+    def slot(self, layer: int) -> int:
+        """Index of global `layer` on the layer axis."""
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise TraceError(
+                f"This {self.source} trace has no routes for layer {layer}; "
+                f"it covers layers {_short(self.layers)}."
+            ) from None
+
+    def layer_experts(self, layer: int) -> torch.Tensor:
+        """`[..., top_k]` compact ids of one global layer."""
+        return self.experts[..., self.slot(layer), :]
+
+    # -- validation -------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise `TraceError` unless the trace is well formed.
+
+        Layers strictly increasing and non-negative; ids in [0, num_experts) or -1; a row
+        either all -1 or fully routed; no expert twice in a row.
+        """
+        experts, layers = self.experts, self.layers
+        if experts.shape[-2] != len(layers):
+            raise TraceError(
+                f"The layer axis has {experts.shape[-2]} slots but {len(layers)} layer ids "
+                f"were given ({_short(layers)}): give one global id per slot."
+            )
+        for a, b in zip(layers, layers[1:], strict=False):
+            if b <= a:
+                raise TraceError(f"layers must be strictly increasing, found {a} before {b}.")
+        if layers and layers[0] < 0:
+            raise TraceError(f"layer ids are global and 0-based, found {layers[0]}.")
+        if self.top_k > self.num_experts:
+            raise TraceError(
+                f"top_k={self.top_k} is more than num_experts={self.num_experts}: "
+                "a row cannot hold that many distinct experts."
+            )
+        missing = experts == NO_ROUTE
+        partial = missing.any(-1) & ~missing.all(-1)
+        if partial.any():
+            raise TraceError(
+                f"{_where(partial, layers)} mixes -1 with expert ids "
+                f"{experts[_first(partial)].tolist()}: a row is either all -1 (no route) "
+                "or fully routed."
+            )
+        ordered = experts.sort(dim=-1).values
+        repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1) & ~missing[..., 0]
+        if repeated.any():
+            raise TraceError(
+                f"{_where(repeated, layers)} routes to the same expert twice: "
+                f"{experts[_first(repeated)].tolist()}. A token picks top_k distinct experts; "
+                "zero-filled rows usually mean padding or a broken capture (mark them -1)."
+            )
+
+    def check_layout(self, layout: MoELayout) -> None:
+        """Raise unless this trace can be replayed on a model of `layout`."""
+        if self.num_experts != layout.num_experts or self.top_k != layout.top_k:
+            raise TraceError(
+                f"This {self.source} trace has {self.num_experts} experts, top_k={self.top_k}; "
+                f"the model has {layout.num_experts} experts, top_k={layout.top_k}."
+            )
+        routed = set(layout.moe_layers) | set(layout.mtp_layers)
+        stray = [i for i in self.layers if i not in routed]
+        if stray:
+            raise TraceError(
+                f"This {self.source} trace holds routes for layers {_short(stray)}, which do "
+                f"not route in the {layout.family} layout (routed: {_short(layout.moe_layers)}"
+                f"{', MTP: ' + _short(layout.mtp_layers) if layout.mtp_layers else ''})."
+            )
+
+    # -- conversions ------------------------------------------------------------------
+
+    def select_layers(self, layers: Iterable[int]) -> RoutingTrace:
+        """The trace restricted to global `layers` (e.g. one pipeline stage's routed layers)."""
+        wanted = sorted(set(int(i) for i in layers))
+        slots = [self.slot(i) for i in wanted]
+        return self._derived(self.experts[..., slots, :], tuple(wanted))
+
+    def reshape_tokens(self, *shape: int) -> RoutingTrace:
+        """Same routes with the token axes reshaped, e.g. `[batch, seq]` -> `[tokens]`."""
+        return self._derived(self.experts.reshape(*shape, *self.experts.shape[-2:]), self.layers)
+
+    @classmethod
+    def from_all_layers(
+        cls, experts: ExpertArray, layout: MoELayout, source: str = "engine"
+    ) -> RoutingTrace:
+        """From an engine-style array `[..., num_layers, top_k]` over every decoder layer.
+
+        vLLM and SGLang report all decoder layers with dense ones as zeros; this keeps
+        the routed layers only. A dense layer holding routes means the layout is wrong;
+        a routed layer that is all zeros over a whole sequence is a broken capture.
+        """
+        full = _as_int_tensor(experts, "experts")
+        if full.ndim < 3 or full.shape[-2] != layout.num_layers:
+            width = full.shape[-2] if full.ndim >= 2 else None
+            hint = (
+                " It has one slot per routed layer: build RoutingTrace(experts, "
+                "layers=layout.moe_layers, ...) directly."
+                if width == len(layout.moe_layers)
+                else ""
+            )
+            raise TraceError(
+                f"An all-layer array is [..., {layout.num_layers} layers, top_k] for this "
+                f"{layout.family} layout, found shape {tuple(full.shape)}.{hint}"
+            )
+        dense = list(layout.dense_layers)
+        if dense:
+            values = full[..., dense, :]
+            stray = (values != 0) & (values != NO_ROUTE)
+            if stray.any():
+                layer = dense[int(stray.nonzero()[0][-2])]
+                raise TraceError(
+                    f"Layer {layer} is dense in the {layout.family} layout but the {source} "
+                    "array holds expert ids there: the config does not match the engine's "
+                    "model (check first_k_dense_replace / mlp_only_layers / moe_layer_freq)."
+                )
+        routed = full[..., list(layout.moe_layers), :]
+        _check_capture(routed, layout.moe_layers, source)
+        return cls(routed, layout.moe_layers, layout.num_experts, source)
+
+    def to_all_layers(self, layout: MoELayout) -> torch.Tensor:
+        """Engine-style `[..., num_layers, top_k]`: dense layers as zeros, -1 rows kept."""
+        self.check_layout(layout)
+        full = torch.zeros(
+            (*self.leading_shape, layout.num_layers, self.top_k), dtype=self.experts.dtype
+        )
+        full[..., list(self.layers), :] = self.experts
+        return full
+
+    def equal(self, other: RoutingTrace) -> bool:
+        """Same layers, expert count and ids (in the same column order)."""
+        return (
+            self.layers == other.layers
+            and self.num_experts == other.num_experts
+            and self.experts.shape == other.experts.shape
+            and bool(torch.equal(self.experts, other.experts))
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RoutingTrace(tokens={list(self.leading_shape)}, layers={_short(self.layers)}, "
+            f"top_k={self.top_k}, num_experts={self.num_experts}, source={self.source!r})"
+        )
+
+    def _derived(self, experts: torch.Tensor, layers: tuple[int, ...]) -> RoutingTrace:
+        # Slices of a valid trace are valid: skip the O(tokens) checks.
+        trace = object.__new__(RoutingTrace)
+        for name, value in (
+            ("experts", experts),
+            ("layers", layers),
+            ("num_experts", self.num_experts),
+            ("source", self.source),
+        ):
+            object.__setattr__(trace, name, value)
+        return trace
+
+
+def _as_int_tensor(experts: ExpertArray, name: str) -> torch.Tensor:
+    if isinstance(experts, np.ndarray):
+        if not np.issubdtype(experts.dtype, np.integer):
+            raise TraceError(f"{name} must hold integers, found numpy dtype {experts.dtype}.")
+        # Widen first: uint16 has no torch twin, and engines hand out read-only buffers.
+        return torch.from_numpy(experts.astype(np.int64, copy=True))
+    if not isinstance(experts, torch.Tensor):
+        raise TraceError(f"{name} must be a torch tensor or numpy array, found {type(experts)}.")
+    if experts.dtype.is_floating_point or experts.dtype.is_complex or experts.dtype == torch.bool:
+        raise TraceError(f"{name} must hold integers, found dtype {experts.dtype}.")
+    return experts
+
+
+def _check_range(experts: torch.Tensor, layers: Sequence[int], num_experts: int) -> None:
+    bad = (experts < NO_ROUTE) | (experts >= num_experts)
+    if bad.any():
+        index = _first(bad)
+        raise TraceError(
+            f"{_where(bad.any(-1), layers)} holds expert id {int(experts[index])}; ids must lie "
+            f"in [0, {num_experts}) or be -1 for no route."
+        )
+
+
+def _check_capture(routed: torch.Tensor, layers: Sequence[int], source: str) -> None:
+    """A routed layer that is all zeros over a whole sequence was never captured."""
+    per_sequence = routed.reshape(-1, *routed.shape[-3:]) if routed.ndim > 3 else routed[None]
+    zero = (per_sequence == 0).all(dim=-1).all(dim=1)  # [sequences, layers]
+    if zero.any():
+        sequence, slot = (int(i) for i in zero.nonzero()[0])
+        raise TraceError(
+            f"Layer {layers[slot]} is all zeros over sequence {sequence} of the {source} "
+            "array: that is a broken capture (routing not recorded), not routing. Check the "
+            "engine's routed-experts capture."
+        )
+
+
+def _first(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in mask.nonzero()[0])
+
+
+def _where(row_mask: torch.Tensor, layers: Sequence[int]) -> str:
+    """'Row (sequence 2, token 7), layer 5' for the first True of `row_mask [..., layers]`."""
+    *row, slot = _first(row_mask)
+    names = ("token",) if len(row) == 1 else ("sequence", "token") if len(row) == 2 else ()
+    where = ", ".join(f"{n} {i}" for n, i in zip(names, row, strict=True)) if names else str(row)
+    layer = layers[slot] if slot < len(layers) else f"slot {slot}"
+    return f"Row ({where}), layer {layer},"

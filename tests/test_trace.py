@@ -1,0 +1,231 @@
+"""RoutingTrace: compact storage, strict validation, and engine-style conversions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from routereplay import NO_ROUTE, MoELayout, RoutingTrace, TraceError, storage_dtype
+
+
+def random_routes(leading: tuple[int, ...], layers: int, top_k: int, num_experts: int, seed: int = 0) -> torch.Tensor:
+    """Distinct ids per row: `[*leading, layers, top_k]` int64."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(*leading, layers, num_experts, generator=generator)
+    return scores.topk(top_k, dim=-1).indices
+
+
+# -- storage ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "dtype", "itemsize"),
+    [(8, torch.int8, 1), (128, torch.int8, 1), (129, torch.int16, 2), (256, torch.int16, 2), (32768, torch.int16, 2), (32769, torch.int32, 4)],
+)
+def test_ids_are_stored_in_the_smallest_dtype_that_holds_them_and_minus_one(
+    num_experts: int, dtype: torch.dtype, itemsize: int
+) -> None:
+    assert storage_dtype(num_experts) == dtype
+    experts = torch.tensor([[[num_experts - 1, 0]], [[NO_ROUTE, NO_ROUTE]]])
+    trace = RoutingTrace(experts, layers=(3,), num_experts=num_experts)
+    assert trace.experts.dtype == dtype and trace.experts.element_size() == itemsize
+    assert trace.expert_ids().dtype == torch.int64
+    assert trace.expert_ids().tolist() == experts.tolist()
+
+
+def test_an_id_too_large_is_reported_not_wrapped() -> None:
+    # ids above 255 wrapped silently in uint8 storage in a peer implementation.
+    with pytest.raises(TraceError, match=r"Row \(token 0\), layer 5, holds expert id 300; ids must lie in \[0, 256\)"):
+        RoutingTrace(torch.tensor([[[300, 1]]]), layers=(5,), num_experts=256)
+
+
+def test_numpy_engine_arrays_are_accepted_read_only_and_uint16() -> None:
+    array = np.array([[[1, 2]], [[3, 0]]], dtype=np.uint16)
+    array.setflags(write=False)  # SGLang hands out read-only buffers
+    trace = RoutingTrace(array, layers=(0,), num_experts=4, source="sglang")
+    assert trace.expert_ids().tolist() == [[[1, 2]], [[3, 0]]]
+
+
+def test_leading_axes_may_be_tokens_or_batch_and_sequence() -> None:
+    trace = RoutingTrace(random_routes((2, 5), 3, 2, 8), layers=(1, 2, 4), num_experts=8)
+    assert trace.leading_shape == (2, 5) and trace.num_rows == 10 and trace.top_k == 2
+    flat = trace.reshape_tokens(10)
+    assert flat.leading_shape == (10,)
+    assert torch.equal(flat.layer_experts(4), trace.layer_experts(4).reshape(10, 2))
+
+
+# -- validation -----------------------------------------------------------------------
+
+
+def test_duplicate_ids_in_a_row_name_the_row_and_layer() -> None:
+    experts = random_routes((2, 4), 2, 2, 8)
+    experts[1, 3, 1] = torch.tensor([5, 5])
+    with pytest.raises(TraceError, match=r"Row \(sequence 1, token 3\), layer 7, routes to the same expert twice: \[5, 5\]"):
+        RoutingTrace(experts, layers=(2, 7), num_experts=8)
+
+
+def test_a_zero_row_is_a_duplicate_not_expert_zero() -> None:
+    experts = random_routes((4,), 1, 2, 8)
+    experts[2, 0] = 0  # zero padding must never become expert 0
+    with pytest.raises(TraceError, match=r"token 2\), layer 0, routes to the same expert twice.*mark them -1"):
+        RoutingTrace(experts, layers=(0,), num_experts=8)
+
+
+def test_a_row_mixing_minus_one_and_ids_is_rejected() -> None:
+    experts = random_routes((3,), 1, 2, 8)
+    experts[1, 0, 0] = NO_ROUTE
+    with pytest.raises(TraceError, match=r"Row \(token 1\), layer 0, mixes -1 with expert ids"):
+        RoutingTrace(experts, layers=(0,), num_experts=8)
+
+
+def test_negative_ids_other_than_minus_one_are_rejected() -> None:
+    with pytest.raises(TraceError, match="holds expert id -2"):
+        RoutingTrace(torch.tensor([[[-2, 1]]]), layers=(0,), num_experts=8)
+
+
+def test_layer_ids_must_match_the_layer_axis() -> None:
+    with pytest.raises(TraceError, match="The layer axis has 2 slots but 3 layer ids"):
+        RoutingTrace(random_routes((3,), 2, 2, 8), layers=(0, 1, 2), num_experts=8)
+
+
+def test_layer_ids_must_strictly_increase() -> None:
+    with pytest.raises(TraceError, match="strictly increasing, found 4 before 2"):
+        RoutingTrace(random_routes((3,), 2, 2, 8), layers=(4, 2), num_experts=8)
+
+
+def test_top_k_above_expert_count_is_rejected() -> None:
+    with pytest.raises(TraceError, match="top_k=3 is more than num_experts=2"):
+        RoutingTrace(torch.full((1, 1, 3), NO_ROUTE), layers=(0,), num_experts=2)
+
+
+def test_float_ids_are_rejected() -> None:
+    with pytest.raises(TraceError, match="must hold integers, found dtype torch.float32"):
+        RoutingTrace(torch.zeros(2, 1, 2), layers=(0,), num_experts=8)
+
+
+def test_a_trace_without_token_axis_is_rejected() -> None:
+    with pytest.raises(TraceError, match=r"at least one token axis, found shape \(1, 2\)"):
+        RoutingTrace(torch.tensor([[0, 1]]), layers=(0,), num_experts=8)
+
+
+def test_check_layout_names_layers_that_do_not_route(hybrid_layout: MoELayout) -> None:
+    trace = RoutingTrace(random_routes((3,), 2, 4, 16), layers=(1, 2), num_experts=16)
+    with pytest.raises(TraceError, match=r"holds routes for layers \[1\], which do not route"):
+        trace.check_layout(hybrid_layout)
+
+
+def test_check_layout_names_expert_count_and_top_k(hybrid_layout: MoELayout) -> None:
+    trace = RoutingTrace(random_routes((3,), 1, 2, 16), layers=(2,), num_experts=16)
+    with pytest.raises(TraceError, match="16 experts, top_k=2; the model has 16 experts, top_k=4"):
+        trace.check_layout(hybrid_layout)
+
+
+def test_selecting_a_layer_the_trace_lacks_is_an_error() -> None:
+    trace = RoutingTrace(random_routes((3,), 2, 2, 8), layers=(2, 3), num_experts=8)
+    with pytest.raises(TraceError, match=r"no routes for layer 5; it covers layers \[2, 3\]"):
+        trace.select_layers([3, 5])
+
+
+# -- engine-style all-layer arrays ------------------------------------------------------
+
+
+def engine_array(layout: MoELayout, tokens: int, seed: int = 0) -> np.ndarray:
+    """What vLLM returns: uint8 `[tokens, num_layers, top_k]`, dense layers all zeros."""
+    full = np.zeros((tokens, layout.num_layers, layout.top_k), dtype=np.uint8)
+    routed = random_routes((tokens,), len(layout.moe_layers), layout.top_k, layout.num_experts, seed)
+    full[:, list(layout.moe_layers)] = routed.numpy()
+    return full
+
+
+def test_all_layer_array_keeps_routed_layers_without_shifting_them(hybrid_layout: MoELayout) -> None:
+    full = engine_array(hybrid_layout, tokens=6)
+    trace = RoutingTrace.from_all_layers(full, hybrid_layout, source="vllm")
+    assert trace.layers == (2, 3, 4, 5, 6, 7)
+    # Layer 2 is the first routed layer: its ids come from column 2, not column 0.
+    assert trace.layer_experts(2).tolist() == full[:, 2].tolist()
+    assert trace.layer_experts(7).tolist() == full[:, 7].tolist()
+    assert torch.equal(trace.to_all_layers(hybrid_layout), torch.from_numpy(full).to(trace.experts.dtype))
+
+
+def test_all_layer_array_of_the_wrong_width_says_which_width_it_has(hybrid_layout: MoELayout) -> None:
+    routed_only = engine_array(hybrid_layout, tokens=3)[:, 2:]
+    with pytest.raises(TraceError, match=r"\[\.\.\., 8 layers, top_k\].*found shape \(3, 6, 4\)\. It has one slot per routed layer"):
+        RoutingTrace.from_all_layers(routed_only, hybrid_layout)
+    with pytest.raises(TraceError, match=r"found shape \(3, 5, 4\)\.$"):
+        RoutingTrace.from_all_layers(routed_only[:, :5], hybrid_layout)
+
+
+def test_routes_on_a_dense_layer_mean_the_layout_is_wrong(hybrid_layout: MoELayout) -> None:
+    full = engine_array(hybrid_layout, tokens=3)
+    full[1, 1] = [1, 2, 3, 4]
+    with pytest.raises(TraceError, match="Layer 1 is dense .* holds expert ids there"):
+        RoutingTrace.from_all_layers(full, hybrid_layout, source="vllm")
+
+
+def test_a_routed_layer_all_zeros_over_a_sequence_is_a_broken_capture(hybrid_layout: MoELayout) -> None:
+    full = engine_array(hybrid_layout, tokens=5)
+    full[:, 4] = 0
+    with pytest.raises(TraceError, match="Layer 4 is all zeros over sequence 0 of the vllm array: that is a broken capture"):
+        RoutingTrace.from_all_layers(full, hybrid_layout, source="vllm")
+
+
+def test_broken_capture_is_found_per_sequence_of_a_batch() -> None:
+    layout = MoELayout.from_dense_pattern([1, 1], num_experts=8, top_k=1)
+    full = np.array([[[[3], [4]], [[0], [5]]], [[[0], [6]], [[0], [7]]]])  # [2, 2, 2, 1]
+    with pytest.raises(TraceError, match="Layer 0 is all zeros over sequence 1"):
+        RoutingTrace.from_all_layers(full, layout)
+
+
+def test_minus_one_rows_pass_through_the_conversion(hybrid_layout: MoELayout) -> None:
+    full = engine_array(hybrid_layout, tokens=4).astype(np.int16)
+    full[3] = NO_ROUTE  # e.g. a padding token: no route on any layer
+    trace = RoutingTrace.from_all_layers(full, hybrid_layout)
+    assert trace.routed_mask()[:, 0].tolist() == [True, True, True, False]
+    assert (trace.to_all_layers(hybrid_layout)[3, list(hybrid_layout.moe_layers)] == NO_ROUTE).all()
+
+
+@st.composite
+def layouts_and_traces(draw: st.DrawFn) -> tuple[MoELayout, RoutingTrace]:
+    pattern = draw(st.lists(st.booleans(), min_size=1, max_size=12).filter(any))
+    num_experts = draw(st.sampled_from([2, 8, 64, 200, 40000]))
+    top_k = draw(st.integers(1, min(num_experts, 8)))
+    layout = MoELayout.from_dense_pattern(pattern, num_experts, top_k)
+    leading = draw(st.sampled_from([(5,), (2, 3), (1, 4)]))
+    experts = random_routes(leading, len(layout.moe_layers), top_k, num_experts, draw(st.integers(0, 999)))
+    missing = torch.rand(*leading, len(layout.moe_layers)) < draw(st.sampled_from([0.0, 0.3]))
+    experts[missing] = NO_ROUTE
+    return layout, RoutingTrace(experts, layout.moe_layers, num_experts)
+
+
+@given(layouts_and_traces())
+def test_all_layers_round_trip_is_the_identity(case: tuple[MoELayout, RoutingTrace]) -> None:
+    layout, trace = case
+    full = trace.to_all_layers(layout)
+    assert full.shape[-2] == layout.num_layers
+    assert (full[..., list(layout.dense_layers), :] == 0).all()
+    # With top_k=1 a layer may route every token of a sequence to expert 0, which an
+    # all-layer array cannot tell from a broken capture: that case must be refused.
+    per_sequence = trace.experts.reshape(-1, *trace.experts.shape[-3:])
+    ambiguous = bool((per_sequence == 0).all(-1).all(1).any())
+    if ambiguous:
+        with pytest.raises(TraceError, match="broken capture"):
+            RoutingTrace.from_all_layers(full, layout)
+    else:
+        assert RoutingTrace.from_all_layers(full, layout).equal(trace)
+
+
+@given(layouts_and_traces(), st.data())
+def test_selecting_layers_composes_and_keeps_each_layers_ids(
+    case: tuple[MoELayout, RoutingTrace], data: st.DataObject
+) -> None:
+    layout, trace = case
+    outer = data.draw(st.lists(st.sampled_from(layout.moe_layers), unique=True))
+    inner = data.draw(st.lists(st.sampled_from(outer), unique=True)) if outer else []
+    part = trace.select_layers(outer)
+    assert part.layers == tuple(sorted(outer))
+    for layer in outer:
+        assert torch.equal(part.layer_experts(layer), trace.layer_experts(layer))
+    assert part.select_layers(inner).equal(trace.select_layers(inner))
