@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
-from hf_models import FAMILIES, tiny_config, tiny_model, router_of
+from hf_models import FAMILIES, router_of, tiny_config, tiny_model
 
 from routereplay import LayoutError, MoELayout
 
@@ -32,7 +34,9 @@ def test_layout_matches_the_routers_transformers_builds(family: str) -> None:
 
 
 @pytest.mark.parametrize(("family", "overrides", "routed"), HYBRIDS)
-def test_hybrid_dense_patterns_follow_the_model(family: str, overrides: dict, routed: tuple) -> None:
+def test_hybrid_dense_patterns_follow_the_model(
+    family: str, overrides: dict, routed: tuple
+) -> None:
     model = tiny_model(family, num_hidden_layers=6, **overrides)
     built = tuple(i for i, layer in enumerate(model.model.layers) if router_of(layer) is not None)
     assert built == routed
@@ -82,7 +86,10 @@ def test_moe_layer_freq_in_a_deepseek_config_skips_layers() -> None:
 
 def test_mtp_layers_are_kept_apart_from_decoder_layers() -> None:
     config = tiny_config("deepseek_v3", num_nextn_predict_layers=2)
-    assert MoELayout.from_hf_config(tiny_config("deepseek_v3", num_nextn_predict_layers=0)).mtp_layers == ()
+    assert (
+        MoELayout.from_hf_config(tiny_config("deepseek_v3", num_nextn_predict_layers=0)).mtp_layers
+        == ()
+    )
     layout = MoELayout.from_hf_config(config)
     assert layout.mtp_layers == (4, 5)
     assert 4 not in layout.moe_layers
@@ -97,7 +104,9 @@ def test_qwen3_next_mtp_key_is_read() -> None:
 
 def test_multimodal_config_is_read_through_its_text_config() -> None:
     text = tiny_config("qwen3_moe").to_dict()
-    assert MoELayout.from_hf_config({"model_type": "qwen3_vl_moe", "text_config": text}).moe_layers == (
+    assert MoELayout.from_hf_config(
+        {"model_type": "qwen3_vl_moe", "text_config": text}
+    ).moe_layers == (
         0,
         1,
         2,
@@ -142,7 +151,9 @@ def test_megatron_list_moe_layer_freq_is_one_flag_per_layer() -> None:
 
 def test_unknown_family_with_router_fields_names_the_supported_ones() -> None:
     config = {"model_type": "jamba", "num_hidden_layers": 4, "num_experts": 16}
-    with pytest.raises(LayoutError, match=r"'jamba' is an MoE config .*num_experts.*Supported: .*mixtral"):
+    with pytest.raises(
+        LayoutError, match=r"'jamba' is an MoE config .*num_experts.*Supported: .*mixtral"
+    ):
         MoELayout.from_hf_config(config)
 
 
@@ -160,14 +171,12 @@ def test_megatron_config_without_experts_is_rejected() -> None:
 
 
 def test_dense_pattern_of_the_wrong_length_is_rejected() -> None:
-    class Config:  # a TransformerConfig refuses this itself; check our own guard
-        num_layers = 4
-        num_moe_experts = 8
-        moe_router_topk = 2
-        moe_layer_freq = [1, 1, 0]
-
+    # A TransformerConfig refuses this itself; this checks our own guard.
+    config = SimpleNamespace(
+        num_layers=4, num_moe_experts=8, moe_router_topk=2, moe_layer_freq=[1, 1, 0]
+    )
     with pytest.raises(LayoutError, match="lists 3 flags but num_layers is 4"):
-        MoELayout.from_megatron_config(Config())
+        MoELayout.from_megatron_config(config)
 
 
 def test_top_k_above_expert_count_is_rejected() -> None:
@@ -176,13 +185,20 @@ def test_top_k_above_expert_count_is_rejected() -> None:
 
 
 def test_missing_expert_count_is_named() -> None:
-    with pytest.raises(LayoutError, match="mixtral config has no n_routed_experts or num_experts or num_local_experts"):
-        MoELayout.from_hf_config({"model_type": "mixtral", "num_hidden_layers": 2, "num_experts_per_tok": 2})
+    with pytest.raises(
+        LayoutError,
+        match="mixtral config has no n_routed_experts or num_experts or num_local_experts",
+    ):
+        MoELayout.from_hf_config(
+            {"model_type": "mixtral", "num_hidden_layers": 2, "num_experts_per_tok": 2}
+        )
 
 
 def test_mlp_only_layers_outside_the_model_are_rejected() -> None:
     config = tiny_config("qwen2_moe").to_dict() | {"mlp_only_layers": [4]}
-    with pytest.raises(LayoutError, match=r"mlp_only_layers \[4\] lie outside the 4 decoder layers"):
+    with pytest.raises(
+        LayoutError, match=r"mlp_only_layers \[4\] lie outside the 4 decoder layers"
+    ):
         MoELayout.from_hf_config(config)
 
 

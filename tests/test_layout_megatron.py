@@ -72,7 +72,11 @@ def our_stages(layout: MoELayout, split: dict[str, Any]) -> Stages:
 
 def in_placement_order(stages: Stages, pp_size: int) -> list[int]:
     """All layer ids in Megatron's chunk order: vp_stage major, pp_rank minor."""
-    return [i for (rank, stage) in sorted(stages, key=lambda k: (k[1], k[0])) for i in stages[(rank, stage)]]
+    return [
+        i
+        for (rank, stage) in sorted(stages, key=lambda k: (k[1], k[0]))
+        for i in stages[(rank, stage)]
+    ]
 
 
 @st.composite
@@ -82,7 +86,9 @@ def pipeline_splits(draw: st.DrawFn) -> dict[str, Any]:
     vp = draw(st.sampled_from([None, 1, 2, 3]))
     unit = vp or 1
     uneven = draw(st.booleans())
-    first = draw(st.one_of(st.none(), st.integers(1, 3).map(lambda n: n * unit))) if uneven else None
+    first = (
+        draw(st.one_of(st.none(), st.integers(1, 3).map(lambda n: n * unit))) if uneven else None
+    )
     last = draw(st.one_of(st.none(), st.integers(1, 3).map(lambda n: n * unit))) if uneven else None
     embedding = draw(st.booleans()) if not uneven else False
     loss = draw(st.booleans()) if not uneven else False
@@ -107,7 +113,9 @@ def pipeline_splits(draw: st.DrawFn) -> dict[str, Any]:
 @given(split=pipeline_splits(), data=st.data())
 def test_stage_layers_match_megatron_core(split: dict[str, Any], data: st.DataObject) -> None:
     pattern = data.draw(
-        st.lists(st.booleans(), min_size=split["num_layers"], max_size=split["num_layers"]).filter(any)
+        st.lists(st.booleans(), min_size=split["num_layers"], max_size=split["num_layers"]).filter(
+            any
+        )
     )
     layout = MoELayout.from_dense_pattern(pattern, num_experts=4, top_k=2)
     try:
@@ -116,7 +124,9 @@ def test_stage_layers_match_megatron_core(split: dict[str, Any], data: st.DataOb
     except (ValueError, AssertionError, ZeroDivisionError) as error:
         theirs, megatron_error = None, error
     everything = list(range(split["num_layers"]))
-    megatron_partitions = theirs is not None and in_placement_order(theirs, split["pp_size"]) == everything
+    megatron_partitions = (
+        theirs is not None and in_placement_order(theirs, split["pp_size"]) == everything
+    )
 
     try:
         ours = our_stages(layout, split)
@@ -157,17 +167,41 @@ def test_stage_layers_match_megatron_core(split: dict[str, Any], data: st.DataOb
     [
         # 8 layers, PP=2 x VPP=2: rank 0 holds chunks 0 and 2.
         (
-            {"num_layers": 8, "pp_size": 2, "vp": 2, "first": None, "last": None, "embedding": False, "loss": False},
+            {
+                "num_layers": 8,
+                "pp_size": 2,
+                "vp": 2,
+                "first": None,
+                "last": None,
+                "embedding": False,
+                "loss": False,
+            },
             {(0, 0): (0, 1), (1, 0): (2, 3), (0, 1): (4, 5), (1, 1): (6, 7)},
         ),
         # Uneven: 2 layers first, 2 last, 6 over 2 middle ranks.
         (
-            {"num_layers": 10, "pp_size": 4, "vp": None, "first": 2, "last": 2, "embedding": False, "loss": False},
+            {
+                "num_layers": 10,
+                "pp_size": 4,
+                "vp": None,
+                "first": 2,
+                "last": 2,
+                "embedding": False,
+                "loss": False,
+            },
             {(0, 0): (0, 1), (1, 0): (2, 3, 4), (2, 0): (5, 6, 7), (3, 0): (8, 9)},
         ),
         # Embedding and loss count as pseudo-layers at the two ends.
         (
-            {"num_layers": 6, "pp_size": 2, "vp": None, "first": None, "last": None, "embedding": True, "loss": True},
+            {
+                "num_layers": 6,
+                "pp_size": 2,
+                "vp": None,
+                "first": None,
+                "last": None,
+                "embedding": True,
+                "loss": True,
+            },
             {(0, 0): (0, 1, 2), (1, 0): (3, 4, 5)},
         ),
     ],

@@ -122,14 +122,18 @@ def test_gate_weights_are_differentiable_in_the_logits(score: str, renormalize: 
     logits = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     ids = torch.tensor([[0, 1, 2], [7, 6, 5], [3, 0, 4], [1, 5, 2], [6, 4, 0]])
     double = RouterSpec(**{**spec.__dict__, "upcast": False})
-    assert torch.autograd.gradcheck(lambda x: gate_weights(x, ids, double), (logits.requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda x: gate_weights(x, ids, double), (logits.requires_grad_(),)
+    )
 
 
 def test_gate_weights_follow_the_given_id_order() -> None:
     spec = RouterSpec(top_k=3, score="softmax")
     logits = torch.randn(4, 8)
     ids = torch.tensor([[0, 1, 2]] * 4)
-    assert torch.equal(gate_weights(logits, ids.flip(-1), spec), gate_weights(logits, ids, spec).flip(-1))
+    assert torch.equal(
+        gate_weights(logits, ids.flip(-1), spec), gate_weights(logits, ids, spec).flip(-1)
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from routereplay import NO_ROUTE, MoELayout, RoutingTrace, TraceError, storage_dtype
 
 
-def random_routes(leading: tuple[int, ...], layers: int, top_k: int, num_experts: int, seed: int = 0) -> torch.Tensor:
+def random_routes(
+    leading: tuple[int, ...], layers: int, top_k: int, num_experts: int, seed: int = 0
+) -> torch.Tensor:
     """Distinct ids per row: `[*leading, layers, top_k]` int64."""
     generator = torch.Generator().manual_seed(seed)
     scores = torch.rand(*leading, layers, num_experts, generator=generator)
@@ -23,7 +25,14 @@ def random_routes(leading: tuple[int, ...], layers: int, top_k: int, num_experts
 
 @pytest.mark.parametrize(
     ("num_experts", "dtype", "itemsize"),
-    [(8, torch.int8, 1), (128, torch.int8, 1), (129, torch.int16, 2), (256, torch.int16, 2), (32768, torch.int16, 2), (32769, torch.int32, 4)],
+    [
+        (8, torch.int8, 1),
+        (128, torch.int8, 1),
+        (129, torch.int16, 2),
+        (256, torch.int16, 2),
+        (32768, torch.int16, 2),
+        (32769, torch.int32, 4),
+    ],
 )
 def test_ids_are_stored_in_the_smallest_dtype_that_holds_them_and_minus_one(
     num_experts: int, dtype: torch.dtype, itemsize: int
@@ -38,7 +47,10 @@ def test_ids_are_stored_in_the_smallest_dtype_that_holds_them_and_minus_one(
 
 def test_an_id_too_large_is_reported_not_wrapped() -> None:
     # ids above 255 wrapped silently in uint8 storage in a peer implementation.
-    with pytest.raises(TraceError, match=r"Row \(token 0\), layer 5, holds expert id 300; ids must lie in \[0, 256\)"):
+    with pytest.raises(
+        TraceError,
+        match=r"Row \(token 0\), layer 5, holds expert id 300; ids must lie in \[0, 256\)",
+    ):
         RoutingTrace(torch.tensor([[[300, 1]]]), layers=(5,), num_experts=256)
 
 
@@ -63,14 +75,19 @@ def test_leading_axes_may_be_tokens_or_batch_and_sequence() -> None:
 def test_duplicate_ids_in_a_row_name_the_row_and_layer() -> None:
     experts = random_routes((2, 4), 2, 2, 8)
     experts[1, 3, 1] = torch.tensor([5, 5])
-    with pytest.raises(TraceError, match=r"Row \(sequence 1, token 3\), layer 7, routes to the same expert twice: \[5, 5\]"):
+    with pytest.raises(
+        TraceError,
+        match=r"Row \(sequence 1, token 3\), layer 7, routes to the same expert twice: \[5, 5\]",
+    ):
         RoutingTrace(experts, layers=(2, 7), num_experts=8)
 
 
 def test_a_zero_row_is_a_duplicate_not_expert_zero() -> None:
     experts = random_routes((4,), 1, 2, 8)
     experts[2, 0] = 0  # zero padding must never become expert 0
-    with pytest.raises(TraceError, match=r"token 2\), layer 0, routes to the same expert twice.*mark them -1"):
+    with pytest.raises(
+        TraceError, match=r"token 2\), layer 0, routes to the same expert twice.*mark them -1"
+    ):
         RoutingTrace(experts, layers=(0,), num_experts=8)
 
 
@@ -135,24 +152,35 @@ def test_selecting_a_layer_the_trace_lacks_is_an_error() -> None:
 def engine_array(layout: MoELayout, tokens: int, seed: int = 0) -> np.ndarray:
     """What vLLM returns: uint8 `[tokens, num_layers, top_k]`, dense layers all zeros."""
     full = np.zeros((tokens, layout.num_layers, layout.top_k), dtype=np.uint8)
-    routed = random_routes((tokens,), len(layout.moe_layers), layout.top_k, layout.num_experts, seed)
+    routed = random_routes(
+        (tokens,), len(layout.moe_layers), layout.top_k, layout.num_experts, seed
+    )
     full[:, list(layout.moe_layers)] = routed.numpy()
     return full
 
 
-def test_all_layer_array_keeps_routed_layers_without_shifting_them(hybrid_layout: MoELayout) -> None:
+def test_all_layer_array_keeps_routed_layers_without_shifting_them(
+    hybrid_layout: MoELayout,
+) -> None:
     full = engine_array(hybrid_layout, tokens=6)
     trace = RoutingTrace.from_all_layers(full, hybrid_layout, source="vllm")
     assert trace.layers == (2, 3, 4, 5, 6, 7)
     # Layer 2 is the first routed layer: its ids come from column 2, not column 0.
     assert trace.layer_experts(2).tolist() == full[:, 2].tolist()
     assert trace.layer_experts(7).tolist() == full[:, 7].tolist()
-    assert torch.equal(trace.to_all_layers(hybrid_layout), torch.from_numpy(full).to(trace.experts.dtype))
+    assert torch.equal(
+        trace.to_all_layers(hybrid_layout), torch.from_numpy(full).to(trace.experts.dtype)
+    )
 
 
-def test_all_layer_array_of_the_wrong_width_says_which_width_it_has(hybrid_layout: MoELayout) -> None:
+def test_all_layer_array_of_the_wrong_width_says_which_width_it_has(
+    hybrid_layout: MoELayout,
+) -> None:
     routed_only = engine_array(hybrid_layout, tokens=3)[:, 2:]
-    with pytest.raises(TraceError, match=r"\[\.\.\., 8 layers, top_k\].*found shape \(3, 6, 4\)\. It has one slot per routed layer"):
+    with pytest.raises(
+        TraceError,
+        match=r"\[\.\.\., 8 layers, top_k\].*found shape \(3, 6, 4\)\. It has one slot per routed layer",
+    ):
         RoutingTrace.from_all_layers(routed_only, hybrid_layout)
     with pytest.raises(TraceError, match=r"found shape \(3, 5, 4\)\.$"):
         RoutingTrace.from_all_layers(routed_only[:, :5], hybrid_layout)
@@ -165,10 +193,15 @@ def test_routes_on_a_dense_layer_mean_the_layout_is_wrong(hybrid_layout: MoELayo
         RoutingTrace.from_all_layers(full, hybrid_layout, source="vllm")
 
 
-def test_a_routed_layer_all_zeros_over_a_sequence_is_a_broken_capture(hybrid_layout: MoELayout) -> None:
+def test_a_routed_layer_all_zeros_over_a_sequence_is_a_broken_capture(
+    hybrid_layout: MoELayout,
+) -> None:
     full = engine_array(hybrid_layout, tokens=5)
     full[:, 4] = 0
-    with pytest.raises(TraceError, match="Layer 4 is all zeros over sequence 0 of the vllm array: that is a broken capture"):
+    with pytest.raises(
+        TraceError,
+        match="Layer 4 is all zeros over sequence 0 of the vllm array: that is a broken capture",
+    ):
         RoutingTrace.from_all_layers(full, hybrid_layout, source="vllm")
 
 
@@ -194,7 +227,9 @@ def layouts_and_traces(draw: st.DrawFn) -> tuple[MoELayout, RoutingTrace]:
     top_k = draw(st.integers(1, min(num_experts, 8)))
     layout = MoELayout.from_dense_pattern(pattern, num_experts, top_k)
     leading = draw(st.sampled_from([(5,), (2, 3), (1, 4)]))
-    experts = random_routes(leading, len(layout.moe_layers), top_k, num_experts, draw(st.integers(0, 999)))
+    experts = random_routes(
+        leading, len(layout.moe_layers), top_k, num_experts, draw(st.integers(0, 999))
+    )
     missing = torch.rand(*leading, len(layout.moe_layers)) < draw(st.sampled_from([0.0, 0.3]))
     experts[missing] = NO_ROUTE
     return layout, RoutingTrace(experts, layout.moe_layers, num_experts)

@@ -9,6 +9,7 @@ and are kept apart from `moe_layers` so that decoder routes never reach them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -345,7 +346,7 @@ def _pseudo(embedding: bool, loss: bool) -> str:
 
 
 def _check_increasing(ids: tuple[int, ...], lo: int, hi: int, name: str) -> None:
-    for a, b in zip(ids, ids[1:], strict=False):
+    for a, b in itertools.pairwise(ids):
         if b <= a:
             raise LayoutError(f"{name} must be strictly increasing, found {a} before {b}.")
     if ids and not (lo <= ids[0] and ids[-1] < hi):

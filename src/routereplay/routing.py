@@ -125,22 +125,31 @@ class Routing(NamedTuple):
     ids: torch.Tensor
 
 
-def select(
-    logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
-) -> Routing:
+def select(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None) -> Routing:
     """Native routing of `logits [tokens, experts]`.
 
     `bias [experts]` (DeepSeek's `e_score_correction_bias`) shifts the scores used to
     *choose* experts; the weights come from the unbiased scores.
+    """
+    ids = native_ids(logits, spec, bias)
+    return Routing(gate_weights(logits, ids, spec), ids)
+
+
+@torch.no_grad()
+def native_ids(
+    logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The ids `[tokens, top_k]` (int64) native routing picks; no autograd graph.
+
+    Selection builds no graph, so a forward that also routes natively (to count
+    disagreement) saves the same tensors as its activation recompute.
     """
     choice = _scores(logits, spec)
     if bias is not None:
         choice = choice + bias
     if spec.grouped:
         choice = _mask_groups(choice, spec)
-    with torch.no_grad():
-        ids = torch.topk(choice, spec.top_k, dim=-1, sorted=spec.sorted_ids).indices
-    return Routing(gate_weights(logits, ids, spec), ids)
+    return torch.topk(choice, spec.top_k, dim=-1, sorted=spec.sorted_ids).indices
 
 
 def gate_weights(logits: torch.Tensor, ids: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

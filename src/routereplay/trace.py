@@ -10,6 +10,7 @@ every slot on the layer axis. The layer axis never has to be guessed from its wi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from routereplay.errors import TraceError, short_ids as _short
+from routereplay.errors import TraceError
+from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
 
 NO_ROUTE = -1
@@ -116,7 +118,7 @@ class RoutingTrace:
                 f"The layer axis has {experts.shape[-2]} slots but {len(layers)} layer ids "
                 f"were given ({_short(layers)}): give one global id per slot."
             )
-        for a, b in zip(layers, layers[1:], strict=False):
+        for a, b in itertools.pairwise(layers):
             if b <= a:
                 raise TraceError(f"layers must be strictly increasing, found {a} before {b}.")
         if layers and layers[0] < 0:

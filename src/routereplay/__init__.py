@@ -1,0 +1,30 @@
+"""routereplay: record the experts an MoE model chose, replay them in the trainer."""
+
+from routereplay.controller import LayerStats, Mode, Recording, ReplayController
+from routereplay.errors import LayoutError, ReplayError, RouteReplayError, TraceError
+from routereplay.layout import MoELayout
+from routereplay.routing import RouterSpec, Routing, gate_weights, native_ids, select
+from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NO_ROUTE",
+    "LayerStats",
+    "LayoutError",
+    "MoELayout",
+    "Mode",
+    "Recording",
+    "ReplayController",
+    "ReplayError",
+    "RouteReplayError",
+    "RouterSpec",
+    "Routing",
+    "RoutingTrace",
+    "TraceError",
+    "__version__",
+    "gate_weights",
+    "native_ids",
+    "select",
+    "storage_dtype",
+]

@@ -1,0 +1,384 @@
+"""`ReplayController`: decides, for one model, which experts each router uses.
+
+A framework adapter calls `controller.route(layer, logits, spec)` from inside every
+router; the controller answers with ids and gate weights according to its mode:
+
+- off:     native routing, nothing kept.
+- record:  native routing, the ids kept per (micro-batch, global layer).
+- replay:  the ids of the given trace for (micro-batch, global layer); rows that are
+           -1 route natively. Gate weights always come from the live logits.
+
+Targets are keyed by (micro-batch, layer), never by call order: a layer run again for
+the same micro-batch (activation recompute, any pipeline schedule) gets the same ids.
+There is no process-global state; two controllers never see each other's routes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from routereplay.errors import ReplayError, TraceError
+from routereplay.errors import short_ids as _short
+from routereplay.layout import MoELayout
+from routereplay.routing import RouterSpec, Routing, gate_weights, native_ids, select
+from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
+
+MicroBatch = Hashable
+DEFAULT_MICRO_BATCH: MicroBatch = 0
+
+
+class Mode(enum.Enum):
+    OFF = "off"
+    RECORD = "record"
+    REPLAY = "replay"
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Rows one layer routed during the last `record()` or `replay()` context.
+
+    replayed:   rows whose ids came from the trace.
+    native:     rows routed by the live router (-1 rows, or every row when recording).
+    disagreed:  replayed rows where the live router would have chosen a different set
+                of experts: the counterfactual disagreement, the health signal of replay.
+    recomputed: rows seen again for a (micro-batch, layer) already routed (recompute).
+    """
+
+    replayed: int = 0
+    native: int = 0
+    disagreed: int = 0
+    recomputed: int = 0
+
+    @property
+    def disagreement_rate(self) -> float:
+        return self.disagreed / self.replayed if self.replayed else 0.0
+
+
+class Recording:
+    """The routes a `record()` context captured, assembled per micro-batch on demand."""
+
+    def __init__(self, num_experts: int, source: str) -> None:
+        self._num_experts = num_experts
+        self._source = source
+        self._ids: dict[tuple[MicroBatch, int], torch.Tensor] = {}
+        self._token_shapes: dict[MicroBatch, tuple[int, ...]] = {}
+
+    @property
+    def micro_batches(self) -> list[MicroBatch]:
+        return list(dict.fromkeys(mb for mb, _ in self._ids))
+
+    @property
+    def traces(self) -> dict[MicroBatch, RoutingTrace]:
+        """One trace per micro-batch: `[*token_shape, recorded layers, top_k]`."""
+        return {mb: self.trace_for(mb) for mb in self.micro_batches}
+
+    @property
+    def trace(self) -> RoutingTrace:
+        """The trace of the only micro-batch recorded."""
+        batches = self.micro_batches
+        if len(batches) != 1:
+            raise TraceError(
+                f"This recording holds {len(batches)} micro-batches ({batches}); "
+                "use .traces or .trace_for(micro_batch)."
+            )
+        return self.trace_for(batches[0])
+
+    def trace_for(self, micro_batch: MicroBatch) -> RoutingTrace:
+        layers = sorted(layer for mb, layer in self._ids if mb == micro_batch)
+        if not layers:
+            raise TraceError(f"Nothing was recorded for micro-batch {micro_batch!r}.")
+        per_layer = [self._ids[(micro_batch, layer)] for layer in layers]
+        rows = {ids.shape[0] for ids in per_layer}
+        if len(rows) != 1:
+            raise TraceError(
+                f"Micro-batch {micro_batch!r} routed different token counts on different "
+                f"layers ({sorted(rows)}): it was not one micro-batch."
+            )
+        experts = torch.stack([ids.cpu() for ids in per_layer], dim=1)  # [tokens, layers, k]
+        shape = self._token_shapes.get(micro_batch)
+        if shape is not None:
+            experts = experts.reshape(*shape, *experts.shape[1:])
+        return RoutingTrace(experts, tuple(layers), self._num_experts, self._source)
+
+
+class ReplayController:
+    """The routing state machine of one model (or one rank's set of model chunks)."""
+
+    def __init__(self, layout: MoELayout, *, strict: bool = True, source: str = "recorded"):
+        self.layout = layout
+        self.strict = strict
+        self.source = source
+        self._mode = Mode.OFF
+        self._micro_batch: MicroBatch = DEFAULT_MICRO_BATCH
+        self._token_shape: tuple[int, ...] | None = None
+        self._routes: dict[MicroBatch, RoutingTrace] = {}
+        self._recording: Recording | None = None
+        # Ids already decided in this context, for recompute: every key when recording,
+        # only keys with natively routed rows when replaying (the rest is in the trace).
+        self._decided: dict[tuple[MicroBatch, int], torch.Tensor] = {}
+        self._visited: set[tuple[MicroBatch, int]] = set()
+        self._counts: dict[int, torch.Tensor] = {}
+        self._routed_layers = frozenset(layout.moe_layers) | frozenset(layout.mtp_layers)
+
+    # -- modes --------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @contextmanager
+    def record(self) -> Iterator[Recording]:
+        """Route natively and keep every (micro-batch, layer)'s ids.
+
+        Yields a `Recording`; read `.trace` (or `.traces`) after the forward.
+        """
+        recording = Recording(self.layout.num_experts, self.source)
+        with self._context(Mode.RECORD):
+            self._recording = recording
+            yield recording
+
+    @contextmanager
+    def replay(
+        self,
+        routes: RoutingTrace | Mapping[MicroBatch, RoutingTrace],
+        *,
+        strict: bool | None = None,
+    ) -> Iterator[None]:
+        """Make every router use the ids of `routes` for its (micro-batch, layer).
+
+        `routes` is one trace (for micro-batch 0) or a mapping micro-batch -> trace.
+        Each trace must match the layout (experts, top_k, routed layers); its leading
+        axes must hold as many rows as the router sees tokens.
+        """
+        by_batch = dict(routes) if isinstance(routes, Mapping) else {DEFAULT_MICRO_BATCH: routes}
+        for micro_batch, trace in by_batch.items():
+            _check_replayable(trace, self.layout, micro_batch)
+        previous_strict = self.strict
+        if strict is not None:
+            self.strict = strict
+        try:
+            with self._context(Mode.REPLAY):
+                self._routes = by_batch
+                yield
+        finally:
+            self.strict = previous_strict
+
+    @contextmanager
+    def micro_batch(
+        self, key: MicroBatch, token_shape: tuple[int, ...] | None = None
+    ) -> Iterator[None]:
+        """Route the enclosed forward (and its recompute) as micro-batch `key`.
+
+        `token_shape` (e.g. `(batch, seq)`) shapes the recorded trace's token axes.
+        """
+        previous = (self._micro_batch, self._token_shape)
+        self.set_micro_batch(key, token_shape)
+        try:
+            yield
+        finally:
+            self._micro_batch, self._token_shape = previous
+
+    def set_micro_batch(self, key: MicroBatch, token_shape: tuple[int, ...] | None = None) -> None:
+        """Publish the micro-batch now running, for schedules that cannot use a `with`."""
+        self._micro_batch = key
+        self._token_shape = tuple(token_shape) if token_shape is not None else None
+
+    # -- the router's call --------------------------------------------------------------
+
+    def route(
+        self,
+        layer: int,
+        logits: torch.Tensor,
+        spec: RouterSpec,
+        bias: torch.Tensor | None = None,
+    ) -> Routing:
+        """Ids and gate weights for `logits [tokens, experts]` of global `layer`."""
+        if self._mode is Mode.OFF:
+            return select(logits, spec, bias)
+        if layer not in self._routed_layers:
+            raise ReplayError(
+                f"A router reported global layer {layer}, which does not route in the "
+                f"{self.layout.family} layout (routed: {_short(self.layout.moe_layers)}). "
+                "The adapter's layer numbering is off (Megatron's is 1-based)."
+            )
+        key = (self._micro_batch, layer)
+        if key in self._visited:
+            return self._route_again(key, logits, spec, bias)
+        self._visited.add(key)
+        if self._mode is Mode.RECORD:
+            native = select(logits, spec, bias)
+            self._decided[key] = native.ids.detach().to(storage_dtype(self.layout.num_experts))
+            if self._recording is not None and self._token_shape is not None:
+                self._recording._token_shapes.setdefault(self._micro_batch, self._token_shape)
+            self._count(layer, logits.device, native=logits.shape[0])
+            return native
+        return self._replay(key, logits, spec, bias)
+
+    # -- statistics -------------------------------------------------------------------
+
+    def stats(self) -> dict[int, LayerStats]:
+        """Per global layer, what the last record/replay context did."""
+        return {
+            layer: LayerStats(*(int(v) for v in counts.tolist()))
+            for layer, counts in sorted(self._counts.items())
+        }
+
+    def totals(self) -> LayerStats:
+        """`stats()` summed over layers."""
+        per_layer = list(self.stats().values())
+        return LayerStats(
+            *(sum(getattr(s, f) for s in per_layer) for f in LayerStats.__annotations__)
+        )
+
+    # -- internals ----------------------------------------------------------------------
+
+    @contextmanager
+    def _context(self, mode: Mode) -> Iterator[None]:
+        if self._mode is not Mode.OFF:
+            raise ReplayError(
+                f"Cannot enter {mode.value} mode: this controller is already in "
+                f"{self._mode.value} mode. Contexts do not nest."
+            )
+        self._mode = mode
+        self._counts = {}
+        entry_micro_batch = (self._micro_batch, self._token_shape)
+        try:
+            yield
+            if self._recording is not None:
+                self._recording._ids = dict(self._decided)
+        finally:
+            # Whatever happened inside, leave nothing behind for the next step.
+            self._mode = Mode.OFF
+            self._routes = {}
+            self._recording = None
+            self._decided = {}
+            self._visited = set()
+            self._micro_batch, self._token_shape = entry_micro_batch
+
+    def _replay(
+        self,
+        key: tuple[MicroBatch, int],
+        logits: torch.Tensor,
+        spec: RouterSpec,
+        bias: torch.Tensor | None,
+    ) -> Routing:
+        micro_batch, layer = key
+        target = self._target(micro_batch, layer, logits, spec)
+        native = native_ids(logits, spec, bias)
+        if target is None:  # not strict and nothing to replay: native, and counted.
+            self._count(layer, logits.device, native=logits.shape[0])
+            return Routing(gate_weights(logits, native, spec), native)
+        replayed = target[:, 0] != NO_ROUTE  # [tokens]
+        ids = torch.where(replayed[:, None], target, native)
+        if not bool(replayed.all()):
+            self._decided[key] = ids.to(storage_dtype(self.layout.num_experts))
+        differs = (ids.sort(-1).values != native.sort(-1).values).any(-1)
+        self._count(
+            layer,
+            logits.device,
+            replayed=replayed.sum(),
+            native=(~replayed).sum(),
+            disagreed=differs.sum(),  # native rows agree with themselves by construction
+        )
+        return Routing(gate_weights(logits, ids, spec), ids)
+
+    def _route_again(
+        self,
+        key: tuple[MicroBatch, int],
+        logits: torch.Tensor,
+        spec: RouterSpec,
+        bias: torch.Tensor | None,
+    ) -> Routing:
+        """Recompute of a key already routed in this context: the same ids as before."""
+        decided = self._decided.get(key)
+        if decided is None:  # replay with every row replayed: the trace is the record
+            ids = self._target(key[0], key[1], logits, spec)
+            if ids is None:
+                return select(logits, spec, bias)
+        else:
+            ids = decided.to(logits.device).long()
+        _check_tokens(ids.shape[0], logits, key)
+        self._count(key[1], logits.device, recomputed=logits.shape[0])
+        return Routing(gate_weights(logits, ids, spec), ids)
+
+    def _target(
+        self, micro_batch: MicroBatch, layer: int, logits: torch.Tensor, spec: RouterSpec
+    ) -> torch.Tensor | None:
+        """`[tokens, top_k]` int64 ids for (micro_batch, layer), or None (non-strict, absent)."""
+        trace = self._routes.get(micro_batch)
+        if trace is None or layer not in trace.layers:
+            if not self.strict:
+                return None
+            if trace is None:
+                raise ReplayError(
+                    f"Layer {layer}, micro-batch {micro_batch!r}: no routes were given for "
+                    f"this micro-batch (routes given for {list(self._routes)}). Pass a "
+                    "mapping micro-batch -> trace to replay(), and run each micro-batch "
+                    "under controller.micro_batch(key)."
+                )
+            raise ReplayError(
+                f"Layer {layer}, micro-batch {micro_batch!r}: the trace has no routes for "
+                f"this layer (it covers {_short(trace.layers)}). A trace must cover every "
+                "routed layer the model runs; use replay(..., strict=False) to route "
+                "missing layers natively on purpose."
+            )
+        experts = trace.layer_experts(layer).reshape(-1, trace.top_k)
+        _check_tokens(experts.shape[0], logits, (micro_batch, layer), trace)
+        if logits.shape[-1] != trace.num_experts or spec.top_k != trace.top_k:
+            raise ReplayError(
+                f"Layer {layer}, micro-batch {micro_batch!r}: the router has "
+                f"{logits.shape[-1]} experts and top_k={spec.top_k}; the trace has "
+                f"{trace.num_experts} experts and top_k={trace.top_k}."
+            )
+        return experts.to(logits.device, non_blocking=True).long()
+
+    def _count(
+        self,
+        layer: int,
+        device: torch.device,
+        replayed: int | torch.Tensor = 0,
+        native: int | torch.Tensor = 0,
+        disagreed: int | torch.Tensor = 0,
+        recomputed: int | torch.Tensor = 0,
+    ) -> None:
+        # Counts stay on the router's device: no host sync inside the forward.
+        values = (replayed, native, disagreed, recomputed)
+        delta = torch.stack([torch.as_tensor(v, dtype=torch.int64, device=device) for v in values])
+        counts = self._counts.get(layer)
+        self._counts[layer] = delta if counts is None else counts.to(delta.device) + delta
+
+
+def _check_tokens(
+    rows: int,
+    logits: torch.Tensor,
+    key: tuple[MicroBatch, int],
+    trace: RoutingTrace | None = None,
+) -> None:
+    if rows != logits.shape[0]:
+        micro_batch, layer = key
+        shape = f" (token axes {list(trace.leading_shape)})" if trace is not None else ""
+        raise ReplayError(
+            f"Layer {layer}, micro-batch {micro_batch!r}: the router sees {logits.shape[0]} "
+            f"tokens but the routes hold {rows} rows{shape}. Align the trace to the "
+            "trainer's batch (padding, packing, micro-batch split) before replay."
+        )
+
+
+def _check_replayable(trace: RoutingTrace, layout: MoELayout, micro_batch: MicroBatch) -> None:
+    """Re-check a trace on entry to replay, naming the micro-batch in any error."""
+    if not isinstance(trace, RoutingTrace):
+        raise ReplayError(
+            f"Micro-batch {micro_batch!r}: replay() takes RoutingTrace objects, "
+            f"found {type(trace).__name__}."
+        )
+    try:
+        trace.check_layout(layout)
+        # The ids tensor is mutable: catch anything written into it after construction.
+        RoutingTrace(trace.experts, trace.layers, trace.num_experts, trace.source)
+    except TraceError as error:
+        raise ReplayError(f"Micro-batch {micro_batch!r}: {error}") from error
