@@ -264,3 +264,12 @@ def test_selecting_layers_composes_and_keeps_each_layers_ids(
     for layer in outer:
         assert torch.equal(part.layer_experts(layer), trace.layer_experts(layer))
     assert part.select_layers(inner).equal(trace.select_layers(inner))
+
+
+def test_duplicates_are_found_in_wide_rows_too() -> None:
+    experts = random_routes((3,), 1, 20, 64)
+    experts[2, 0, 19] = experts[2, 0, 0]
+    with pytest.raises(
+        TraceError, match=r"Row \(token 2\), layer 0, routes to the same expert twice"
+    ):
+        RoutingTrace(experts, layers=(0,), num_experts=64)

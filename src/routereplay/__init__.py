@@ -3,7 +3,7 @@
 from routereplay.controller import LayerStats, Mode, Recording, ReplayController
 from routereplay.errors import LayoutError, ReplayError, RouteReplayError, TraceError
 from routereplay.layout import MoELayout
-from routereplay.routing import RouterSpec, Routing, gate_weights, native_ids, select
+from routereplay.routing import RouterScores, RouterSpec, Routing, gate_weights, native_ids, select
 from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "ReplayController",
     "ReplayError",
     "RouteReplayError",
+    "RouterScores",
     "RouterSpec",
     "Routing",
     "RoutingTrace",

@@ -25,7 +25,7 @@ import torch
 from routereplay.errors import ReplayError, TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
-from routereplay.routing import RouterSpec, Routing, gate_weights, native_ids, select
+from routereplay.routing import RouterScores, RouterSpec, Routing, gate_weights, select
 from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
 
 MicroBatch = Hashable
@@ -269,15 +269,18 @@ class ReplayController:
     ) -> Routing:
         micro_batch, layer = key
         target = self._target(micro_batch, layer, logits, spec)
-        native = native_ids(logits, spec, bias)
+        scores = RouterScores(logits, spec)
+        native = scores.native_ids(bias)
         if target is None:  # not strict and nothing to replay: native, and counted.
             self._count(layer, logits.device, native=logits.shape[0])
-            return Routing(gate_weights(logits, native, spec), native)
+            return Routing(scores.gate_weights(native), native)
         replayed = target[:, 0] != NO_ROUTE  # [tokens]
         ids = torch.where(replayed[:, None], target, native)
         if not bool(replayed.all()):
             self._decided[key] = ids.to(storage_dtype(self.layout.num_experts))
-        differs = (ids.sort(-1).values != native.sort(-1).values).any(-1)
+        # Ids in a row are distinct: the sets differ iff some id is not a native choice.
+        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, native, True)
+        differs = ~chosen.gather(1, ids).all(-1)
         self._count(
             layer,
             logits.device,
@@ -285,7 +288,7 @@ class ReplayController:
             native=(~replayed).sum(),
             disagreed=differs.sum(),  # native rows agree with themselves by construction
         )
-        return Routing(gate_weights(logits, ids, spec), ids)
+        return Routing(scores.gate_weights(ids), ids)
 
     def _route_again(
         self,

@@ -131,25 +131,17 @@ def select(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = N
     `bias [experts]` (DeepSeek's `e_score_correction_bias`) shifts the scores used to
     *choose* experts; the weights come from the unbiased scores.
     """
-    ids = native_ids(logits, spec, bias)
-    return Routing(gate_weights(logits, ids, spec), ids)
+    scores = RouterScores(logits, spec)
+    ids = scores.native_ids(bias)
+    return Routing(scores.gate_weights(ids), ids)
 
 
-@torch.no_grad()
 def native_ids(
     logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The ids `[tokens, top_k]` (int64) native routing picks; no autograd graph.
-
-    Selection builds no graph, so a forward that also routes natively (to count
-    disagreement) saves the same tensors as its activation recompute.
-    """
-    choice = _scores(logits, spec)
-    if bias is not None:
-        choice = choice + bias
-    if spec.grouped:
-        choice = _mask_groups(choice, spec)
-    return torch.topk(choice, spec.top_k, dim=-1, sorted=spec.sorted_ids).indices
+    """The ids `[tokens, top_k]` (int64) native routing picks, without an autograd graph."""
+    with torch.no_grad():
+        return RouterScores(logits, spec).native_ids(bias)
 
 
 def gate_weights(logits: torch.Tensor, ids: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
@@ -158,29 +150,50 @@ def gate_weights(logits: torch.Tensor, ids: torch.Tensor, spec: RouterSpec) -> t
     Differentiable with respect to `logits [tokens, experts]`. Every id must be a valid
     expert (no -1): the controller fills unreplayed rows with native ids first.
     """
-    if spec.score == "softmax_topk":
-        picked = logits.gather(-1, ids)
-        weights = F.softmax(picked.float() if spec.upcast else picked, dim=-1)
-    else:
-        weights = _scores(logits, spec).gather(-1, ids)
-    if spec.renormalize:
-        total = weights.sum(dim=-1, keepdim=True)
-        weights = weights / (total + spec.renorm_eps if spec.renorm_eps else total)
-    if spec.scaling_factor != 1.0:
-        weights = weights * spec.scaling_factor
-    if spec.weights_in_logits_dtype:
-        weights = weights.to(logits.dtype)
-    return weights
+    return RouterScores(logits, spec).gate_weights(ids)
 
 
-def _scores(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
-    """Scores `[tokens, experts]` that native selection ranks."""
-    x = logits.float() if spec.upcast else logits
-    if spec.score == "softmax":
-        return F.softmax(x, dim=-1)
-    if spec.score == "sigmoid":
-        return torch.sigmoid(x)
-    return x
+class RouterScores:
+    """The scores of one router call, computed once for both selection and weights.
+
+    `scores [tokens, experts]`: softmax or sigmoid of the logits, or the logits
+    themselves for "softmax_topk" (which normalises over the chosen k only).
+    """
+
+    def __init__(self, logits: torch.Tensor, spec: RouterSpec) -> None:
+        self.logits, self.spec = logits, spec
+        x = logits.float() if spec.upcast else logits
+        if spec.score == "softmax":
+            self.scores = F.softmax(x, dim=-1)
+        elif spec.score == "sigmoid":
+            self.scores = torch.sigmoid(x)
+        else:
+            self.scores = x
+
+    @torch.no_grad()
+    def native_ids(self, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-k ids `[tokens, top_k]`. Selection builds no graph, so a forward that also
+        routes natively (to count disagreement) saves the same tensors as its recompute."""
+        spec = self.spec
+        choice = self.scores if bias is None else self.scores + bias
+        if spec.grouped:
+            choice = _mask_groups(choice, spec)
+        return torch.topk(choice, spec.top_k, dim=-1, sorted=spec.sorted_ids).indices
+
+    def gate_weights(self, ids: torch.Tensor) -> torch.Tensor:
+        """Weights `[tokens, top_k]` of `ids`, differentiable in the logits."""
+        spec = self.spec
+        weights = self.scores.gather(-1, ids)
+        if spec.score == "softmax_topk":
+            weights = F.softmax(weights, dim=-1)
+        if spec.renormalize:
+            total = weights.sum(dim=-1, keepdim=True)
+            weights = weights / (total + spec.renorm_eps if spec.renorm_eps else total)
+        if spec.scaling_factor != 1.0:
+            weights = weights * spec.scaling_factor
+        if spec.weights_in_logits_dtype:
+            weights = weights.to(self.logits.dtype)
+        return weights
 
 
 def _mask_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

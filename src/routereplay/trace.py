@@ -136,8 +136,7 @@ class RoutingTrace:
                 f"{experts[_first(partial)].tolist()}: a row is either all -1 (no route) "
                 "or fully routed."
             )
-        ordered = experts.sort(dim=-1).values
-        repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1) & ~missing[..., 0]
+        repeated = _repeated(experts) & ~missing[..., 0]
         if repeated.any():
             raise TraceError(
                 f"{_where(repeated, layers)} routes to the same expert twice: "
@@ -282,6 +281,21 @@ def _check_capture(routed: torch.Tensor, layers: Sequence[int], source: str) -> 
             "array: that is a broken capture (routing not recorded), not routing. Check the "
             "engine's routed-experts capture."
         )
+
+
+def _repeated(experts: torch.Tensor) -> torch.Tensor:
+    """`[..., layers]` bool: rows of `experts [..., layers, top_k]` with an id twice."""
+    top_k = experts.shape[-1]
+    if top_k > 16:
+        ordered = experts.sort(dim=-1).values
+        return (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+    # Comparing column pairs is several times faster than sorting tiny rows.
+    columns = experts.unbind(-1)
+    repeated = torch.zeros(experts.shape[:-1], dtype=torch.bool, device=experts.device)
+    for i in range(top_k):
+        for j in range(i + 1, top_k):
+            repeated |= columns[i] == columns[j]
+    return repeated
 
 
 def _first(mask: torch.Tensor) -> tuple[int, ...]:
