@@ -380,3 +380,28 @@ def test_two_models_with_two_controllers_never_see_each_others_routes(
     assert not ref_recording.trace.equal(actor_trace)
     assert actor.controller.totals().replayed == 6 * TOKENS
     assert reference.controller.totals().replayed == 0
+
+
+def test_replay_takes_traces_not_raw_tensors(hybrid_layout: MoELayout) -> None:
+    controller = ReplayController(hybrid_layout)
+    with (
+        pytest.raises(
+            ReplayError,
+            match="Micro-batch 1: replay\\(\\) takes RoutingTrace objects, found Tensor",
+        ),
+        controller.replay({1: torch.zeros(3, 6, 4)}),
+    ):  # type: ignore[dict-item]
+        pass
+
+
+def test_a_micro_batch_with_different_token_counts_per_layer_is_not_one_micro_batch(
+    hybrid_layout: MoELayout, softmax_spec: RouterSpec
+) -> None:
+    controller = ReplayController(hybrid_layout)
+    with controller.record() as recording:
+        controller.route(2, torch.randn(5, 16), softmax_spec)
+        controller.route(3, torch.randn(4, 16), softmax_spec)
+    with pytest.raises(
+        TraceError, match=r"routed different token counts on different layers \(\[4, 5\]\)"
+    ):
+        _ = recording.trace

@@ -244,3 +244,30 @@ def test_dense_prefix_does_not_shift_stage_moe_layers(hybrid_layout: MoELayout) 
     # Interleaved: rank 0 holds chunks 0 and 2.
     assert hybrid_layout.stage_moe_layers(2, 0, vp_size=2, vp_stage=0) == ()
     assert hybrid_layout.stage_moe_layers(2, 0, vp_size=2, vp_stage=1) == (4, 5)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: MoELayout(0, (0,), 4, 2), "num_layers must be at least 1, found 0"),
+        (
+            lambda: MoELayout(4, (2, 1), 4, 2),
+            "moe_layers must be strictly increasing, found 2 before 1",
+        ),
+        (lambda: MoELayout(4, (1, 4), 4, 2), r"moe_layers must lie in \[0, 4\), found \[1, 4\]"),
+        (lambda: MoELayout(4, (1,), 4, 2, mtp_layers=(5,)), r"mtp_layers must lie in \[4, 5\)"),
+        (lambda: MoELayout(4, (1,), 0, 1), "num_experts must be at least 1, found 0"),
+        (lambda: MoELayout.from_dense_pattern([0, 2], 4, 2), r"holds only 0 and 1, found \[2\]"),
+        (
+            lambda: MoELayout.from_megatron_config(
+                SimpleNamespace(
+                    num_layers=4, num_moe_experts=8, moe_router_topk=2, moe_layer_freq=0
+                )
+            ),
+            "moe_layer_freq must be at least 1, found 0",
+        ),
+    ],
+)
+def test_malformed_layouts_are_rejected(build: object, message: str) -> None:
+    with pytest.raises(LayoutError, match=message):
+        build()  # type: ignore[operator]

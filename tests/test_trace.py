@@ -273,3 +273,23 @@ def test_duplicates_are_found_in_wide_rows_too() -> None:
         TraceError, match=r"Row \(token 2\), layer 0, routes to the same expert twice"
     ):
         RoutingTrace(experts, layers=(0,), num_experts=64)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: RoutingTrace(np.zeros((1, 1, 2)), (0,), 8),
+            "must hold integers, found numpy dtype float64",
+        ),
+        (lambda: RoutingTrace([[[0, 1]]], (0,), 8), "must be a torch tensor or numpy array"),
+        (
+            lambda: RoutingTrace(torch.tensor([[[0, 1]]]), (0,), 0),
+            "num_experts must be at least 1, found 0",
+        ),
+        (lambda: RoutingTrace(torch.tensor([[[0, 1]]]), (-1,), 8), "global and 0-based, found -1"),
+    ],
+)
+def test_malformed_traces_are_rejected(build: object, message: str) -> None:
+    with pytest.raises(TraceError, match=message):
+        build()  # type: ignore[operator]
