@@ -35,3 +35,13 @@ def softmax_spec() -> RouterSpec:
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_transformers() -> None:
+    """Tiny models trip transformers' advice about optional fast kernels; it is noise here."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()

@@ -59,6 +59,7 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
         "v_head_dim": 8,
         "routed_scaling_factor": 2.5,
         "norm_topk_prob": True,
+        "num_key_value_heads": 4,  # multi-head latent attention has no grouped KV
     },
     "glm4_moe": {
         "n_routed_experts": 8,

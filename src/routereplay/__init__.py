@@ -2,6 +2,7 @@
 
 from routereplay.controller import LayerStats, Mode, Recording, ReplayController
 from routereplay.errors import LayoutError, ReplayError, RouteReplayError, TraceError
+from routereplay.integrations.hf import attach
 from routereplay.layout import MoELayout
 from routereplay.routing import RouterScores, RouterSpec, Routing, gate_weights, native_ids, select
 from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
@@ -24,6 +25,7 @@ __all__ = [
     "RoutingTrace",
     "TraceError",
     "__version__",
+    "attach",
     "gate_weights",
     "native_ids",
     "select",

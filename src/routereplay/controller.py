@@ -16,10 +16,11 @@ There is no process-global state; two controllers never see each other's routes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from routereplay.errors import ReplayError, TraceError
@@ -57,6 +58,24 @@ class LayerStats:
     @property
     def disagreement_rate(self) -> float:
         return self.disagreed / self.replayed if self.replayed else 0.0
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What an adapter knows of the tokens now running: their axes and which are padding.
+
+    shape:   the token axes, e.g. `(batch, seq)`; a recorded trace takes this shape.
+    padding: bool `[*shape]`, True for padding tokens, recorded as -1 (no route).
+    """
+
+    shape: tuple[int, ...]
+    padding: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.padding is not None and tuple(self.padding.shape) != self.shape:
+            raise ReplayError(
+                f"The padding mask has shape {tuple(self.padding.shape)}, the tokens {self.shape}."
+            )
 
 
 class Recording:
@@ -115,7 +134,7 @@ class ReplayController:
         self.source = source
         self._mode = Mode.OFF
         self._micro_batch: MicroBatch = DEFAULT_MICRO_BATCH
-        self._token_shape: tuple[int, ...] | None = None
+        self._tokens: Tokens | None = None
         self._routes: dict[MicroBatch, RoutingTrace] = {}
         self._recording: Recording | None = None
         # Ids already decided in this context, for recompute: every key when recording,
@@ -124,6 +143,9 @@ class ReplayController:
         self._visited: set[tuple[MicroBatch, int]] = set()
         self._counts: dict[int, torch.Tensor] = {}
         self._routed_layers = frozenset(layout.moe_layers) | frozenset(layout.mtp_layers)
+        # The ids each layer used last, for losses computed after the forward (aux loss).
+        self._last_ids: dict[int, torch.Tensor] = {}
+        self._detachers: list[Callable[[], None]] = []
 
     # -- modes --------------------------------------------------------------------------
 
@@ -168,25 +190,67 @@ class ReplayController:
         finally:
             self.strict = previous_strict
 
+    @property
+    def current_micro_batch(self) -> MicroBatch:
+        return self._micro_batch
+
     @contextmanager
     def micro_batch(
-        self, key: MicroBatch, token_shape: tuple[int, ...] | None = None
+        self,
+        key: MicroBatch,
+        token_shape: tuple[int, ...] | None = None,
+        padding: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """Route the enclosed forward (and its recompute) as micro-batch `key`.
 
-        `token_shape` (e.g. `(batch, seq)`) shapes the recorded trace's token axes.
+        `token_shape` (e.g. `(batch, seq)`) shapes the recorded trace's token axes;
+        `padding [*token_shape]` marks tokens to record as -1.
         """
-        previous = (self._micro_batch, self._token_shape)
-        self.set_micro_batch(key, token_shape)
+        previous = (self._micro_batch, self._tokens)
+        self.set_micro_batch(key, token_shape, padding)
         try:
             yield
         finally:
-            self._micro_batch, self._token_shape = previous
+            self._micro_batch, self._tokens = previous
 
-    def set_micro_batch(self, key: MicroBatch, token_shape: tuple[int, ...] | None = None) -> None:
+    def set_micro_batch(
+        self,
+        key: MicroBatch,
+        token_shape: tuple[int, ...] | None = None,
+        padding: torch.Tensor | None = None,
+    ) -> None:
         """Publish the micro-batch now running, for schedules that cannot use a `with`."""
         self._micro_batch = key
-        self._token_shape = tuple(token_shape) if token_shape is not None else None
+        self.set_tokens(token_shape, padding)
+
+    def set_tokens(
+        self, token_shape: tuple[int, ...] | None, padding: torch.Tensor | None = None
+    ) -> None:
+        """Publish the token axes (and padding) of the forward now running; the
+        micro-batch key stays. Adapters call this from a model's pre-forward hook."""
+        self._tokens = None if token_shape is None else Tokens(tuple(token_shape), padding)
+
+    # -- attachment -----------------------------------------------------------------------
+
+    def on_detach(self, undo: Callable[[], None]) -> None:
+        """Register what `detach()` must undo (an adapter's hooks and patches)."""
+        self._detachers.append(undo)
+
+    def detach(self) -> None:
+        """Undo every adapter change to the model, last first; the model is as before."""
+        if self._mode is not Mode.OFF:
+            raise ReplayError(f"Cannot detach inside a {self._mode.value} context.")
+        while self._detachers:
+            self._detachers.pop()()
+
+    def last_ids(self, layer: int) -> torch.Tensor:
+        """`[tokens, top_k]` ids global `layer` used in its latest router call."""
+        try:
+            return self._last_ids[layer]
+        except KeyError:
+            raise ReplayError(
+                f"Layer {layer} has not routed through this controller yet."
+            ) from None
 
     # -- the router's call --------------------------------------------------------------
 
@@ -198,6 +262,17 @@ class ReplayController:
         bias: torch.Tensor | None = None,
     ) -> Routing:
         """Ids and gate weights for `logits [tokens, experts]` of global `layer`."""
+        routing = self._route(layer, logits, spec, bias)
+        self._last_ids[layer] = routing.ids
+        return routing
+
+    def _route(
+        self,
+        layer: int,
+        logits: torch.Tensor,
+        spec: RouterSpec,
+        bias: torch.Tensor | None,
+    ) -> Routing:
         if self._mode is Mode.OFF:
             return select(logits, spec, bias)
         if layer not in self._routed_layers:
@@ -212,9 +287,7 @@ class ReplayController:
         self._visited.add(key)
         if self._mode is Mode.RECORD:
             native = select(logits, spec, bias)
-            self._decided[key] = native.ids.detach().to(storage_dtype(self.layout.num_experts))
-            if self._recording is not None and self._token_shape is not None:
-                self._recording._token_shapes.setdefault(self._micro_batch, self._token_shape)
+            self._decided[key] = self._recorded(native.ids, key)
             self._count(layer, logits.device, native=logits.shape[0])
             return native
         return self._replay(key, logits, spec, bias)
@@ -246,7 +319,7 @@ class ReplayController:
             )
         self._mode = mode
         self._counts = {}
-        entry_micro_batch = (self._micro_batch, self._token_shape)
+        entry_micro_batch = (self._micro_batch, self._tokens)
         try:
             yield
             if self._recording is not None:
@@ -258,7 +331,24 @@ class ReplayController:
             self._recording = None
             self._decided = {}
             self._visited = set()
-            self._micro_batch, self._token_shape = entry_micro_batch
+            self._micro_batch, self._tokens = entry_micro_batch
+
+    def _recorded(self, ids: torch.Tensor, key: tuple[MicroBatch, int]) -> torch.Tensor:
+        """Compact copy of `ids [tokens, top_k]` to keep, padding rows as -1."""
+        kept = ids.detach().to(storage_dtype(self.layout.num_experts))
+        tokens = self._tokens
+        if tokens is None:
+            return kept
+        if int(np.prod(tokens.shape)) != ids.shape[0]:
+            raise ReplayError(
+                f"Layer {key[1]}, micro-batch {key[0]!r}: the router sees {ids.shape[0]} tokens "
+                f"but the token shape published for this forward is {list(tokens.shape)}."
+            )
+        if self._recording is not None:
+            self._recording._token_shapes.setdefault(key[0], tokens.shape)
+        if tokens.padding is None:
+            return kept
+        return kept.masked_fill(tokens.padding.reshape(-1, 1).to(kept.device), NO_ROUTE)
 
     def _replay(
         self,
@@ -277,6 +367,7 @@ class ReplayController:
         replayed = target[:, 0] != NO_ROUTE  # [tokens]
         ids = torch.where(replayed[:, None], target, native)
         if not bool(replayed.all()):
+            # Native rows must not drift on recompute: keep what they chose now.
             self._decided[key] = ids.to(storage_dtype(self.layout.num_experts))
         # Ids in a row are distinct: the sets differ iff some id is not a native choice.
         chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, native, True)
