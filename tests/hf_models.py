@@ -119,3 +119,43 @@ def router_of(layer: Any) -> Any | None:
     if not hasattr(mlp, "experts"):
         return None
     return getattr(mlp, "router", None) or mlp.gate
+
+
+class ExpertIds:
+    """Logs the ids every `mlp.experts` module receives, by decoder layer, independently
+    of routereplay: the check that replay really reached the experts."""
+
+    def __init__(self, model: Any) -> None:
+        self.calls: dict[int, list[torch.Tensor]] = {}
+        self._handles = []
+        for index, layer in enumerate(model.model.layers):
+            if router_of(layer) is not None:
+                hook = layer.mlp.experts.register_forward_pre_hook(self._logger(index))
+                self._handles.append(hook)
+
+    def _logger(self, index: int) -> Any:
+        def log(module: Any, args: tuple[Any, ...]) -> None:
+            self.calls.setdefault(index, []).append(args[1].detach().clone())
+
+        return log
+
+    def last(self, layer: int) -> torch.Tensor:
+        return self.calls[layer][-1]
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def perturb_routers(model: Any, scale: float = 1.0, seed: int = 123) -> None:
+    """Move every router's weights so that native routing changes on most rows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            router = router_of(layer)
+            if router is not None:
+                noise = torch.randn(router.weight.shape, generator=generator)
+                router.weight.add_(scale * noise.to(router.weight.dtype))
