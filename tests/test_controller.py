@@ -186,7 +186,7 @@ def test_each_micro_batch_gets_its_own_ids_in_any_order(model: ToyMoE) -> None:
         assert torch.equal(received[call], traces[mb].layer_experts(5).long())
 
 
-@pytest.mark.parametrize("mode", ["record", "replay"])
+@pytest.mark.parametrize("mode", ["record", "replay", "replay, layers missing"])
 def test_activation_recompute_sees_the_ids_of_the_forward(
     hybrid_layout: MoELayout, softmax_spec: RouterSpec, mode: str
 ) -> None:
@@ -198,7 +198,15 @@ def test_activation_recompute_sees_the_ids_of_the_forward(
     experts[::3] = NO_ROUTE  # native rows too must not change on recompute
     masked = RoutingTrace(experts, trace.layers, trace.num_experts)
     model.expert_calls.clear()
-    context = model.controller.record() if mode == "record" else model.controller.replay(masked)
+    contexts = {
+        "record": model.controller.record,
+        "replay": lambda: model.controller.replay(masked),
+        # Layers 4-7 missing route natively; their recompute must not drift either.
+        "replay, layers missing": lambda: model.controller.replay(
+            masked.select_layers([2, 3]), strict=False
+        ),
+    }
+    context = contexts[mode]()
     with context:
         model(x).sum().backward()
     for layer in trace.layers:

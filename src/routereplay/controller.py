@@ -362,6 +362,7 @@ class ReplayController:
         scores = RouterScores(logits, spec)
         native = scores.native_ids(bias)
         if target is None:  # not strict and nothing to replay: native, and counted.
+            self._decided[key] = native.to(storage_dtype(self.layout.num_experts))
             self._count(layer, logits.device, native=logits.shape[0])
             return Routing(scores.gate_weights(native), native)
         replayed = target[:, 0] != NO_ROUTE  # [tokens]
@@ -392,8 +393,7 @@ class ReplayController:
         decided = self._decided.get(key)
         if decided is None:  # replay with every row replayed: the trace is the record
             ids = self._target(key[0], key[1], logits, spec)
-            if ids is None:
-                return select(logits, spec, bias)
+            assert ids is not None  # a missing target was decided natively and kept
         else:
             ids = decided.to(logits.device).long()
         _check_tokens(ids.shape[0], logits, key)
