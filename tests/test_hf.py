@@ -342,7 +342,9 @@ def test_out_of_range_and_duplicated_ids_name_the_row_and_layer(qwen: tuple) -> 
     _, controller, trace = qwen
     experts = trace.experts.clone()
     experts[1, 4, 2] = torch.tensor([9, 0])
-    with pytest.raises(TraceError, match=r"Row \(sequence 1, token 4\), layer 3, holds expert id 9"):
+    with pytest.raises(
+        TraceError, match=r"Row \(sequence 1, token 4\), layer 3, holds expert id 9"
+    ):
         RoutingTrace(experts, trace.layers, 8)
     trace.experts[0, 6, 0] = torch.tensor([5, 5], dtype=trace.experts.dtype)
     with (
@@ -412,3 +414,25 @@ def test_actor_and_reference_models_do_not_interfere() -> None:
     assert actor_controller.totals().replayed == 3 * BATCH * SEQ
     assert reference_controller.totals().replayed == 0
     assert not ref.trace.equal(trace)
+
+
+def test_layers_wrapped_by_checkpoint_wrapper_are_still_found() -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+
+    model = tiny_model("deepseek_v3").train()
+    apply_activation_checkpointing(
+        model, check_fn=lambda m: type(m).__name__.endswith("DecoderLayer")
+    )
+    assert any("_checkpoint_wrapped_module" in name for name, _ in model.named_modules())
+    controller = routereplay.attach(model)
+    ids = token_ids()
+    trace = recorded(controller, model, ids)
+    perturb_routers(model)
+    with controller.replay(trace):
+        # Without use_cache=False the KV cache grows again on recompute (a transformers
+        # matter: the plain model fails the same way).
+        model(ids, use_cache=False).logits.sum().backward()
+    assert controller.totals().replayed == 3 * BATCH * SEQ
+    assert all(s.recomputed == BATCH * SEQ for s in controller.stats().values())

@@ -33,6 +33,11 @@ from routereplay.routing import RouterSpec
 # Families whose router casts hidden states and weight to float32 before the linear.
 _FP32_LOGITS = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe")
 _ROUTER_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(?:gate|router)$")
+# Wrappers that insert a level into module names: activation checkpointing's
+# checkpoint_wrapper, FSDP1, torch.compile.
+_WRAPPER_LEVEL = re.compile(
+    r"(?:^|\.)(?:_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod)(?=\.|$)"
+)
 
 
 def attach(model: nn.Module, *, strict: bool = True, source: str = "hf") -> ReplayController:
@@ -70,7 +75,7 @@ def find_routers(model: nn.Module) -> dict[int, nn.Module]:
     """Router modules by global decoder layer id, in layer order."""
     found: dict[int, nn.Module] = {}
     for name, module in model.named_modules():
-        match = _ROUTER_PATH.search(name)
+        match = _ROUTER_PATH.search(_WRAPPER_LEVEL.sub("", name))
         # shared_expert_gate and plain Linear gates are not routers: a router has experts
         # beside it and a `top_k`.
         if match and hasattr(module, "top_k") and hasattr(module, "weight"):
