@@ -1,9 +1,10 @@
 """routereplay: record the experts an MoE model chose, replay them in the trainer."""
 
-from routereplay.controller import LayerStats, Mode, Recording, ReplayController
+from routereplay.controller import LayerStats, Mode, ReplayController
 from routereplay.errors import LayoutError, ReplayError, RouteReplayError, TraceError
 from routereplay.integrations.hf import attach
 from routereplay.layout import MoELayout
+from routereplay.recording import Recording, Tokens
 from routereplay.routing import RouterScores, RouterSpec, Routing, gate_weights, native_ids, select
 from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
 
@@ -23,6 +24,7 @@ __all__ = [
     "RouterSpec",
     "Routing",
     "RoutingTrace",
+    "Tokens",
     "TraceError",
     "__version__",
     "attach",

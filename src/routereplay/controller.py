@@ -16,7 +16,7 @@ There is no process-global state; two controllers never see each other's routes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,10 +26,10 @@ import torch
 from routereplay.errors import ReplayError, TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
+from routereplay.recording import MicroBatch, Recording, Tokens
 from routereplay.routing import RouterScores, RouterSpec, Routing, gate_weights, select
 from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
 
-MicroBatch = Hashable
 DEFAULT_MICRO_BATCH: MicroBatch = 0
 
 
@@ -58,71 +58,6 @@ class LayerStats:
     @property
     def disagreement_rate(self) -> float:
         return self.disagreed / self.replayed if self.replayed else 0.0
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """What an adapter knows of the tokens now running: their axes and which are padding.
-
-    shape:   the token axes, e.g. `(batch, seq)`; a recorded trace takes this shape.
-    padding: bool `[*shape]`, True for padding tokens, recorded as -1 (no route).
-    """
-
-    shape: tuple[int, ...]
-    padding: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.padding is not None and tuple(self.padding.shape) != self.shape:
-            raise ReplayError(
-                f"The padding mask has shape {tuple(self.padding.shape)}, the tokens {self.shape}."
-            )
-
-
-class Recording:
-    """The routes a `record()` context captured, assembled per micro-batch on demand."""
-
-    def __init__(self, num_experts: int, source: str) -> None:
-        self._num_experts = num_experts
-        self._source = source
-        self._ids: dict[tuple[MicroBatch, int], torch.Tensor] = {}
-        self._token_shapes: dict[MicroBatch, tuple[int, ...]] = {}
-
-    @property
-    def micro_batches(self) -> list[MicroBatch]:
-        return list(dict.fromkeys(mb for mb, _ in self._ids))
-
-    @property
-    def traces(self) -> dict[MicroBatch, RoutingTrace]:
-        """One trace per micro-batch: `[*token_shape, recorded layers, top_k]`."""
-        return {mb: self.trace_for(mb) for mb in self.micro_batches}
-
-    @property
-    def trace(self) -> RoutingTrace:
-        """The trace of the only micro-batch recorded."""
-        batches = self.micro_batches
-        if len(batches) != 1:
-            raise TraceError(
-                f"This recording holds {len(batches)} micro-batches ({batches}); "
-                "use .traces or .trace_for(micro_batch)."
-            )
-        return self.trace_for(batches[0])
-
-    def trace_for(self, micro_batch: MicroBatch) -> RoutingTrace:
-        layers = sorted(layer for mb, layer in self._ids if mb == micro_batch)
-        if not layers:
-            raise TraceError(f"Nothing was recorded for micro-batch {micro_batch!r}.")
-        per_layer = [self._ids[(micro_batch, layer)] for layer in layers]
-        rows = {ids.shape[0] for ids in per_layer}
-        if len(rows) != 1:
-            raise TraceError(
-                f"Micro-batch {micro_batch!r} routed different token counts on different "
-                f"layers ({sorted(rows)}): it was not one micro-batch."
-            )
-        experts = torch.stack([ids.cpu() for ids in per_layer], dim=1)  # [tokens, layers, k]
-        shape = self._token_shapes.get(micro_batch)
-        if shape is not None:
-            experts = experts.reshape(*shape, *experts.shape[1:])
-        return RoutingTrace(experts, tuple(layers), self._num_experts, self._source)
 
 
 class ReplayController:
