@@ -173,23 +173,28 @@ def test_all_layer_array_keeps_routed_layers_without_shifting_them(
     )
 
 
-def test_all_layer_array_of_the_wrong_width_says_which_width_it_has(
+def test_a_routed_only_array_is_accepted_and_any_other_width_names_both(
     hybrid_layout: MoELayout,
 ) -> None:
-    routed_only = engine_array(hybrid_layout, tokens=3)[:, 2:]
+    full = engine_array(hybrid_layout, tokens=3)
+    routed_only = full[:, 2:]  # some engine versions send the routed layers only
+    assert hybrid_layout.layer_axis(routed_only.shape[1]) == "routed_layers"
+    assert RoutingTrace.from_all_layers(routed_only, hybrid_layout).equal(
+        RoutingTrace.from_all_layers(full, hybrid_layout)
+    )
     with pytest.raises(
         TraceError,
-        match=r"\[\.\.\., 8 layers, top_k\].*found shape \(3, 6, 4\)\. It has one slot per routed layer",
+        match=r"The layer axis has 5 slots; expected 8 \(every decoder layer, dense ones as zeros\) or 6 \(the routed layers \[2, 3, 4, 5, 6, 7\] only\).*Found shape \(3, 5, 4\)\.$",
     ):
-        RoutingTrace.from_all_layers(routed_only, hybrid_layout)
-    with pytest.raises(TraceError, match=r"found shape \(3, 5, 4\)\.$"):
-        RoutingTrace.from_all_layers(routed_only[:, :5], hybrid_layout)
+        RoutingTrace.from_all_layers(full[:, :5], hybrid_layout)
 
 
 def test_routes_on_a_dense_layer_mean_the_layout_is_wrong(hybrid_layout: MoELayout) -> None:
     full = engine_array(hybrid_layout, tokens=3)
     full[1, 1] = [1, 2, 3, 4]
-    with pytest.raises(TraceError, match="Layer 1 is dense .* holds expert ids there"):
+    with pytest.raises(
+        TraceError, match=r"Row \(token 1\), layer 1, holds expert ids \[1, 2, 3, 4\] but is dense"
+    ):
         RoutingTrace.from_all_layers(full, hybrid_layout, source="vllm")
 
 
@@ -200,7 +205,7 @@ def test_a_routed_layer_all_zeros_over_a_sequence_is_a_broken_capture(
     full[:, 4] = 0
     with pytest.raises(
         TraceError,
-        match="Layer 4 is all zeros over sequence 0 of the vllm array: that is a broken capture",
+        match="Layer 4 is all zeros in every routed row of the vllm array: that is a broken capture",
     ):
         RoutingTrace.from_all_layers(full, hybrid_layout, source="vllm")
 
@@ -208,7 +213,7 @@ def test_a_routed_layer_all_zeros_over_a_sequence_is_a_broken_capture(
 def test_broken_capture_is_found_per_sequence_of_a_batch() -> None:
     layout = MoELayout.from_dense_pattern([1, 1], num_experts=8, top_k=1)
     full = np.array([[[[3], [4]], [[0], [5]]], [[[0], [6]], [[0], [7]]]])  # [2, 2, 2, 1]
-    with pytest.raises(TraceError, match="Layer 0 is all zeros over sequence 1"):
+    with pytest.raises(TraceError, match="Layer 0 is all zeros in every routed row of sequence 1"):
         RoutingTrace.from_all_layers(full, layout)
 
 
@@ -244,7 +249,9 @@ def test_all_layers_round_trip_is_the_identity(case: tuple[MoELayout, RoutingTra
     # With top_k=1 a layer may route every token of a sequence to expert 0, which an
     # all-layer array cannot tell from a broken capture: that case must be refused.
     per_sequence = trace.experts.reshape(-1, *trace.experts.shape[-3:])
-    ambiguous = bool((per_sequence == 0).all(-1).all(1).any())
+    routed = per_sequence[..., 0] != NO_ROUTE
+    zero = (per_sequence == 0).all(-1) | ~routed
+    ambiguous = bool((zero.all(1) & routed.any(1)).any())
     if ambiguous:
         with pytest.raises(TraceError, match="broken capture"):
             RoutingTrace.from_all_layers(full, layout)
@@ -293,3 +300,41 @@ def test_duplicates_are_found_in_wide_rows_too() -> None:
 def test_malformed_traces_are_rejected(build: object, message: str) -> None:
     with pytest.raises(TraceError, match=message):
         build()  # type: ignore[operator]
+
+
+def test_a_broken_capture_is_not_hidden_by_minus_one_rows() -> None:
+    layout = MoELayout.from_dense_pattern([1, 1], num_experts=8, top_k=1)
+    full = np.array([[[3], [0]], [[4], [0]], [[NO_ROUTE], [NO_ROUTE]]])  # last row: no route
+    with pytest.raises(TraceError, match="Layer 1 is all zeros in every routed row"):
+        RoutingTrace.from_all_layers(full, layout)
+
+
+def test_an_array_of_no_tokens_is_an_empty_trace_not_a_broken_capture(
+    hybrid_layout: MoELayout,
+) -> None:
+    empty = engine_array(hybrid_layout, tokens=0)
+    assert RoutingTrace.from_all_layers(empty, hybrid_layout).num_rows == 0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "num_experts"), [(torch.int8, 128), (torch.int8, 200), (torch.int16, 32768)]
+)
+def test_ids_stored_at_the_edge_of_their_dtype_are_range_checked_right(
+    dtype: torch.dtype, num_experts: int
+) -> None:
+    # torch compares int8 with 128 as -128: every id would look out of range.
+    top = torch.iinfo(dtype).max
+    experts = torch.tensor([[[top, 0]], [[1, 2]]], dtype=dtype)
+    trace = RoutingTrace(experts, layers=(0,), num_experts=num_experts)
+    again = RoutingTrace(trace.experts, trace.layers, trace.num_experts)  # re-wrap compact
+    assert again.equal(trace)
+
+
+def test_a_replay_of_a_128_expert_trace_validates_on_entry() -> None:
+    from routereplay import ReplayController
+
+    layout = MoELayout.from_dense_pattern([1], num_experts=128, top_k=8)
+    trace = RoutingTrace(random_routes((4,), 1, 8, 128), layout.moe_layers, 128)
+    assert trace.experts.dtype == torch.int8
+    with ReplayController(layout).replay(trace):
+        pass

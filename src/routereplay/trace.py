@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from routereplay.errors import TraceError
+from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
 
@@ -176,37 +176,29 @@ class RoutingTrace:
     def from_all_layers(
         cls, experts: ExpertArray, layout: MoELayout, source: str = "engine"
     ) -> RoutingTrace:
-        """From an engine-style array `[..., num_layers, top_k]` over every decoder layer.
+        """From an engine-style array `[..., width, top_k]`, keeping routed layers only.
 
-        vLLM and SGLang report all decoder layers with dense ones as zeros; this keeps
-        the routed layers only. A dense layer holding routes means the layout is wrong;
-        a routed layer that is all zeros over a whole sequence is a broken capture.
+        `width` is every decoder layer (vLLM and SGLang: dense ones as zeros) or, in some
+        engine versions, the routed layers only; `layout.layer_axis` tells them apart.
+        Rows may be -1 (not returned). A dense layer holding ids means the layout is
+        wrong; a routed layer that is zero in every routed row of a sequence is a broken
+        capture. Row numbers in errors are positions on the array's token axes.
         """
         full = _as_int_tensor(experts, "experts")
-        if full.ndim < 3 or full.shape[-2] != layout.num_layers:
-            width = full.shape[-2] if full.ndim >= 2 else None
-            hint = (
-                " It has one slot per routed layer: build RoutingTrace(experts, "
-                "layers=layout.moe_layers, ...) directly."
-                if width == len(layout.moe_layers)
-                else ""
-            )
+        if full.ndim < 3:
             raise TraceError(
-                f"An all-layer array is [..., {layout.num_layers} layers, top_k] for this "
-                f"{layout.family} layout, found shape {tuple(full.shape)}.{hint}"
+                f"An engine array is [..., layers, top_k] with at least one token axis, "
+                f"found shape {tuple(full.shape)}."
             )
-        dense = list(layout.dense_layers)
-        if dense:
-            values = full[..., dense, :]
-            stray = (values != 0) & (values != NO_ROUTE)
-            if stray.any():
-                layer = dense[int(stray.nonzero()[0][-2])]
-                raise TraceError(
-                    f"Layer {layer} is dense in the {layout.family} layout but the {source} "
-                    "array holds expert ids there: the config does not match the engine's "
-                    "model (check first_k_dense_replace / mlp_only_layers / moe_layer_freq)."
-                )
-        routed = full[..., list(layout.moe_layers), :]
+        try:
+            axis = layout.layer_axis(full.shape[-2])
+        except LayoutError as error:
+            raise TraceError(f"{error} Found shape {tuple(full.shape)}.") from None
+        if axis == "all_layers":
+            _check_dense(full, layout)
+            routed = full[..., list(layout.moe_layers), :]
+        else:
+            routed = full
         _check_capture(routed, layout.moe_layers, source)
         return cls(routed, layout.moe_layers, layout.num_experts, source)
 
@@ -251,8 +243,10 @@ def _as_int_tensor(experts: ExpertArray, name: str) -> torch.Tensor:
     if isinstance(experts, np.ndarray):
         if not np.issubdtype(experts.dtype, np.integer):
             raise TraceError(f"{name} must hold integers, found numpy dtype {experts.dtype}.")
-        # Widen first: uint16 has no torch twin, and engines hand out read-only buffers.
-        return torch.from_numpy(experts.astype(np.int64, copy=True))
+        # A widening copy: uint16 has no torch twin, engines hand out read-only buffers,
+        # and ids are range-checked as themselves, never wrapped. int32 holds every id.
+        wide = np.int32 if np.can_cast(experts.dtype, np.int32) else np.int64
+        return torch.from_numpy(experts.astype(wide, copy=True))
     if not isinstance(experts, torch.Tensor):
         raise TraceError(f"{name} must be a torch tensor or numpy array, found {type(experts)}.")
     if experts.dtype.is_floating_point or experts.dtype.is_complex or experts.dtype == torch.bool:
@@ -261,7 +255,11 @@ def _as_int_tensor(experts: ExpertArray, name: str) -> torch.Tensor:
 
 
 def _check_range(experts: torch.Tensor, layers: Sequence[int], num_experts: int) -> None:
-    bad = (experts < NO_ROUTE) | (experts >= num_experts)
+    # torch casts a Python int to the tensor's dtype before comparing: 128 would become
+    # -128 in int8. Where num_experts exceeds the dtype, no stored id can reach it.
+    bad = experts < NO_ROUTE
+    if num_experts <= torch.iinfo(experts.dtype).max:
+        bad |= experts >= num_experts
     if bad.any():
         index = _first(bad)
         raise TraceError(
@@ -270,16 +268,40 @@ def _check_range(experts: torch.Tensor, layers: Sequence[int], num_experts: int)
         )
 
 
-def _check_capture(routed: torch.Tensor, layers: Sequence[int], source: str) -> None:
-    """A routed layer that is all zeros over a whole sequence was never captured."""
-    per_sequence = routed.reshape(-1, *routed.shape[-3:]) if routed.ndim > 3 else routed[None]
-    zero = (per_sequence == 0).all(dim=-1).all(dim=1)  # [sequences, layers]
-    if zero.any():
-        sequence, slot = (int(i) for i in zero.nonzero()[0])
+def _check_dense(full: torch.Tensor, layout: MoELayout) -> None:
+    """Ids on a layer the layout calls dense: the layout is not the engine's model."""
+    dense = list(layout.dense_layers)
+    if not dense:
+        return
+    values = full[..., dense, :]
+    stray = ((values != 0) & (values != NO_ROUTE)).any(-1)  # [..., dense layers]
+    if stray.any():
         raise TraceError(
-            f"Layer {layers[slot]} is all zeros over sequence {sequence} of the {source} "
-            "array: that is a broken capture (routing not recorded), not routing. Check the "
-            "engine's routed-experts capture."
+            f"{_where(stray, dense)} holds expert ids {values[_first(stray)].tolist()} but "
+            f"is dense in the {layout.family} layout: the layout does not match the "
+            "engine's model (check first_k_dense_replace / mlp_only_layers / moe_layer_freq)."
+        )
+
+
+def _check_capture(routed: torch.Tensor, layers: Sequence[int], source: str) -> None:
+    """A routed layer that is zero in every routed row of a sequence was never captured.
+
+    With top_k >= 2 a zero row is also a duplicate; with top_k = 1 it is only caught
+    here, and a sequence that really sent every token to expert 0 looks the same.
+    """
+    if routed.numel() == 0:
+        return
+    per_sequence = routed.reshape(-1, *routed.shape[-3:])  # [sequences, tokens, layers, k]
+    has_route = per_sequence[..., 0] != NO_ROUTE
+    zero_or_none = (per_sequence == 0).all(-1) | ~has_route
+    broken = zero_or_none.all(1) & has_route.any(1)  # [sequences, layers]
+    if broken.any():
+        sequence, slot = (int(i) for i in broken.nonzero()[0])
+        where = f" of sequence {sequence}" if routed.ndim > 3 else ""
+        raise TraceError(
+            f"Layer {layers[slot]} is all zeros in every routed row{where} of the {source} "
+            "array: that is a broken capture (routing not recorded), not routing. Check "
+            "that the engine's routed-experts capture is bound to this model's MoE layers."
         )
 
 
