@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from routereplay.errors import LayoutError
 from routereplay.errors import short_ids as _short
@@ -196,6 +196,24 @@ class MoELayout:
                 f"Layer {layer} is dense in this {self.family} layout; routed layers are "
                 f"{_short(self.moe_layers)}."
             ) from None
+
+    def layer_axis(self, width: int) -> Literal["all_layers", "routed_layers"]:
+        """What an engine's layer axis of `width` slots covers for this model.
+
+        "all_layers": one slot per decoder layer, dense ones as zeros (vLLM and SGLang by
+        default); "routed_layers": one slot per routed layer, in `moe_layers` order. When
+        every layer routes the two coincide and the answer is "all_layers".
+        """
+        if width == self.num_layers:
+            return "all_layers"
+        if width == len(self.moe_layers):
+            return "routed_layers"
+        raise LayoutError(
+            f"The layer axis has {width} slots; expected {self.num_layers} (every decoder "
+            f"layer, dense ones as zeros) or {len(self.moe_layers)} (the routed layers "
+            f"{_short(self.moe_layers)} only) for this {self.family} layout. Build the layout "
+            "from the config of the model the engine served."
+        )
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
