@@ -73,3 +73,96 @@ def test_layout_of_a_missing_file_exits_2(
 ) -> None:
     assert main(["layout", str(tmp_path / "nope.json")]) == EXIT_BAD_INPUT
     assert "nope.json" in capsys.readouterr().err
+
+
+# -- inspect ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trace_file(tmp_path: Path) -> Path:
+    """Two sequences on layers 1 and 2 of 4 experts, top-2, with known expert load.
+
+    Layer 1 sends every route to experts 0 and 1; layer 2 spreads them evenly.
+    """
+    import torch
+
+    from routereplay import MoELayout, RoutingTrace
+    from routereplay.store import TraceWriter
+
+    layout = MoELayout.from_dense_pattern([0, 1, 1], num_experts=4, top_k=2)
+    first = [[[0, 1], [0, 1]], [[0, 1], [2, 3]], [[1, 0], [0, 1]], [[0, 1], [3, 2]]]
+    second = [[[1, 0], [2, 3]], [[-1, -1], [0, 1]]]  # the last token has no route on layer 1
+    path = tmp_path / "rollouts.rr"
+    with TraceWriter(path, layout, source="vllm", encoding="packed") as writer:
+        for experts in (first, second):
+            writer.append(RoutingTrace(torch.tensor(experts), (1, 2), 4, "vllm"))
+    return path
+
+
+def test_inspect_reports_a_trace_file_as_json(
+    trace_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(trace_file), "--json"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert (report["sequences"], report["tokens"], report["no_route_rows"]) == (2, 6, 1)
+    assert (report["num_layers"], report["layers"], report["num_experts"], report["top_k"]) == (
+        3,
+        [1, 2],
+        4,
+        2,
+    )
+    assert (report["source"], report["encoding"], report["bits_per_id"]) == ("vllm", "packed", 2)
+    assert report["bytes_per_token"] == trace_file.stat().st_size / 6
+    assert report["load"] == {
+        "layers": [1, 2],
+        "routes": [10, 12],
+        "max_share": [0.5, 0.25],
+        "min_share": [0.0, 0.25],
+        "imbalance": [2.0, 1.0],
+    }
+
+
+def test_inspect_prints_a_readable_summary(
+    trace_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(trace_file)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "rollouts.rr: 2 sequences, 6 tokens" in out
+    assert "3 decoder layers, routed [1, 2], 4 experts, top_k=2" in out
+    assert "encoding:  packed, 2 bits per id" in out
+    assert "no route:  1 of 12 (token, layer) rows" in out
+    assert "layer   1: max  50.0%  min   0.0%  imbalance 2.00" in out
+    assert "layer   2: max  25.0%  min  25.0%  imbalance 1.00" in out
+
+
+def test_inspect_of_a_damaged_file_exits_2_naming_the_sequence(
+    trace_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = bytearray(trace_file.read_bytes())
+    raw[-1] ^= 0xFF  # the routed mask of the last sequence
+    trace_file.write_bytes(bytes(raw))
+    assert main(["inspect", str(trace_file), "--json"]) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "routereplay inspect: " in captured.err and "sequence 1 is damaged" in captured.err
+
+
+def test_inspect_of_a_truncated_file_exits_2(
+    trace_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace_file.write_bytes(trace_file.read_bytes()[:-5])
+    assert main(["inspect", str(trace_file)]) == EXIT_BAD_INPUT
+    assert "rollouts.rr is not a readable trace file" in capsys.readouterr().err
+
+
+def test_inspect_of_a_missing_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(tmp_path / "nope.rr")]) == EXIT_BAD_INPUT
+    assert "nope.rr does not exist" in capsys.readouterr().err
+
+
+def test_help_lists_inspect(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "inspect" in capsys.readouterr().out

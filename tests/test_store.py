@@ -1,0 +1,593 @@
+"""Trace files: many sequences in one safetensors file, read back exactly and strictly."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from routereplay import NO_ROUTE, MoELayout, RoutingTrace, TraceError
+from routereplay.store import TraceFile, TraceFileError, TraceWriter
+
+
+def random_trace(
+    layout: MoELayout, tokens: int, seed: int = 0, missing: float = 0.2, source: str = "vllm"
+) -> RoutingTrace:
+    """Distinct ids per row over every routed layer, some rows -1 (no route)."""
+    rng = np.random.default_rng(seed)
+    layers = len(layout.moe_layers)
+    scores = rng.random((tokens, layers, layout.num_experts))
+    experts = np.argsort(scores, axis=-1)[..., : layout.top_k]
+    experts[rng.random((tokens, layers)) < missing] = NO_ROUTE
+    return RoutingTrace(torch.from_numpy(experts), layout.moe_layers, layout.num_experts, source)
+
+
+def write(
+    path: Path,
+    layout: MoELayout,
+    traces: list[RoutingTrace],
+    tokens: list[np.ndarray] | None = None,
+    encoding: str = "compact",
+) -> Path:
+    with TraceWriter(path, layout, source="vllm", encoding=encoding) as writer:  # type: ignore[arg-type]
+        for i, trace in enumerate(traces):
+            writer.append(trace, None if tokens is None else tokens[i])
+    return path
+
+
+def tensor_bytes(path: Path, name: str) -> tuple[int, int]:
+    """Absolute byte range of one tensor in a safetensors file."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    begin, end = json.loads(raw[8 : 8 + length])[name]["data_offsets"]
+    return 8 + length + begin, 8 + length + end
+
+
+def flip_byte(path: Path, position: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[position] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture
+def three_sequences(hybrid_layout: MoELayout) -> list[RoutingTrace]:
+    return [random_trace(hybrid_layout, tokens, seed) for seed, tokens in enumerate((7, 1, 12))]
+
+
+@pytest.fixture
+def trace_path(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> Path:
+    tokens = [np.arange(t.num_rows) + 100 * i for i, t in enumerate(three_sequences)]
+    return write(tmp_path / "rollouts.rr", hybrid_layout, three_sequences, tokens)
+
+
+# -- round trip ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["compact", "packed"])
+def test_sequences_read_back_exactly_with_their_tokens(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace], encoding: str
+) -> None:
+    tokens = [np.arange(t.num_rows, dtype=np.int64) * 7 for t in three_sequences]
+    path = write(tmp_path / "t.rr", hybrid_layout, three_sequences, tokens, encoding)
+    with TraceFile(path) as traces:
+        assert len(traces) == 3 and traces.encoding == encoding and traces.source == "vllm"
+        assert [traces.num_tokens(i) for i in range(3)] == [7, 1, 12]
+        assert traces.total_tokens == 20 and traces.layers == hybrid_layout.moe_layers
+        for i, original in enumerate(three_sequences):
+            read = traces.trace(i)
+            assert read.equal(original) and read.source == "vllm"
+            assert torch.equal(traces.tokens(i), torch.from_numpy(tokens[i]).int())
+        assert all(a.equal(b) for a, b in zip(traces, three_sequences, strict=True))
+
+
+@pytest.mark.parametrize("encoding", ["compact", "packed"])
+def test_no_route_rows_stay_apart_from_expert_255_with_256_experts(
+    tmp_path: Path, encoding: str
+) -> None:
+    # Every 8-bit value is an expert here: -1 must live in the mask, not in the ids.
+    layout = MoELayout.from_dense_pattern([1, 1], num_experts=256, top_k=2)
+    experts = torch.tensor([[[255, 0], [NO_ROUTE, NO_ROUTE]], [[NO_ROUTE, NO_ROUTE], [254, 255]]])
+    trace = RoutingTrace(experts, (0, 1), 256)
+    with TraceFile(write(tmp_path / "t.rr", layout, [trace], encoding=encoding)) as traces:
+        assert traces.trace(0).expert_ids().tolist() == experts.tolist()
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "dtype"),
+    [(8, "U8"), (256, "U8"), (257, "U16"), (65536, "U16"), (65537, "U32")],
+)
+def test_compact_ids_take_one_two_or_four_bytes(
+    tmp_path: Path, num_experts: int, dtype: str
+) -> None:
+    layout = MoELayout.from_dense_pattern([0, 1], num_experts=num_experts, top_k=2)
+    trace = random_trace(layout, tokens=3)
+    path = write(tmp_path / "t.rr", layout, [trace])
+    with safe_open(str(path), framework="numpy") as raw:
+        experts = raw.get_slice("experts")
+        assert (experts.get_dtype(), experts.get_shape()) == (dtype, [3, 1, 2])
+    with TraceFile(path) as traces:
+        assert traces.trace(0).equal(trace)
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "bits"), [(2, 1), (8, 3), (9, 4), (128, 7), (200, 8), (256, 8), (300, 9)]
+)
+def test_packed_ids_take_ceil_log2_experts_bits(
+    tmp_path: Path, num_experts: int, bits: int
+) -> None:
+    layout = MoELayout.from_dense_pattern([1, 1, 1], num_experts=num_experts, top_k=2)
+    traces = [random_trace(layout, tokens=5, seed=1), random_trace(layout, tokens=3, seed=2)]
+    path = write(tmp_path / "t.rr", layout, traces, encoding="packed")
+    # Each sequence is padded to a whole byte so that it can be read alone.
+    expected = sum(math.ceil(t.num_rows * 3 * 2 * bits / 8) for t in traces)
+    begin, end = tensor_bytes(path, "experts")
+    assert end - begin == expected
+    with TraceFile(path) as read:
+        assert read.bits_per_id == bits
+        assert all(a.equal(b) for a, b in zip(read, traces, strict=True))
+
+
+def test_the_file_is_plain_safetensors_readable_without_routereplay(
+    trace_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    tensors = load_file(trace_path)
+    assert set(tensors) == {"offsets", "checksums", "tokens", "experts", "routed"}
+    assert tensors["offsets"].tolist() == [0, 7, 8, 20]
+    first = three_sequences[0].expert_ids().numpy()
+    routed = first[..., 0] != NO_ROUTE
+    assert np.array_equal(tensors["experts"][:7][routed], first[routed])
+    assert (tensors["experts"][:7][~routed] == 0).all()  # -1 rows live in the mask
+    with safe_open(str(trace_path), framework="numpy") as raw:
+        metadata = raw.metadata()
+    assert metadata["format"] == "routereplay.trace" and metadata["format_version"] == "1"
+    assert json.loads(metadata["moe_layers"]) == list(hybrid_layout.moe_layers)
+    assert (metadata["num_layers"], metadata["num_experts"], metadata["top_k"]) == ("8", "16", "4")
+    assert (metadata["source"], metadata["encoding"]) == ("vllm", "compact")
+
+
+def test_the_header_carries_the_layout_fingerprint(
+    trace_path: Path, hybrid_layout: MoELayout
+) -> None:
+    with TraceFile(trace_path) as traces:
+        assert traces.layout_fingerprint == hybrid_layout.fingerprint
+        traces.check_layout(hybrid_layout)
+
+
+def test_token_ids_are_optional(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    with TraceFile(write(tmp_path / "t.rr", hybrid_layout, three_sequences)) as traces:
+        assert not traces.has_tokens and traces.trace(2).equal(three_sequences[2])
+        with pytest.raises(TraceFileError, match=r"t\.rr holds no token ids"):
+            traces.tokens(0)
+
+
+def test_empty_files_and_empty_sequences_read_back(
+    tmp_path: Path, hybrid_layout: MoELayout
+) -> None:
+    with TraceFile(write(tmp_path / "none.rr", hybrid_layout, [])) as traces:
+        assert len(traces) == 0 and traces.total_tokens == 0 and list(traces) == []
+    empty = random_trace(hybrid_layout, tokens=0)
+    with TraceFile(write(tmp_path / "zero.rr", hybrid_layout, [empty], [np.arange(0)])) as traces:
+        assert traces.trace(0).equal(empty) and traces.tokens(0).numel() == 0
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+def test_appended_sequences_spill_beside_the_target_until_close(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    path = tmp_path / "t.rr"
+    writer = TraceWriter(path, hybrid_layout)
+    for trace in three_sequences:
+        writer.append(trace)
+    assert writer.spill_path == tmp_path / "t.rr.partial"
+    assert writer.spill_path.exists() and not path.exists()
+    writer.close()
+    assert path.exists() and not writer.spill_path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.rr"]  # no temporary left
+
+
+def test_memory_stays_flat_however_many_sequences_arrive(
+    tmp_path: Path, hybrid_layout: MoELayout
+) -> None:
+    trace = random_trace(hybrid_layout, tokens=256)  # 6 KiB of ids per sequence
+    with TraceWriter(tmp_path / "t.rr", hybrid_layout) as writer:
+        for _ in range(20):
+            writer.append(trace)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(500):  # 3 MiB of ids: they must go to disk, not stay in memory
+                writer.append(trace)
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    assert grown < 64 * 1024
+    with TraceFile(tmp_path / "t.rr") as traces:
+        assert len(traces) == 520 and traces.trace(519).equal(trace)
+
+
+def test_an_exception_in_the_block_leaves_no_file_and_no_spill(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    path = tmp_path / "t.rr"
+    with pytest.raises(RuntimeError, match="rollout failed"), TraceWriter(path, hybrid_layout) as w:
+        w.append(three_sequences[0])
+        raise RuntimeError("rollout failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_rewrite_leaves_the_previous_file_as_it_was(
+    trace_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    before = trace_path.read_bytes()
+    with pytest.raises(RuntimeError), TraceWriter(trace_path, hybrid_layout) as writer:
+        writer.append(three_sequences[0])
+        raise RuntimeError
+    assert trace_path.read_bytes() == before
+    assert [p.name for p in trace_path.parent.iterdir()] == [trace_path.name]
+
+
+def test_a_close_that_fails_leaves_the_previous_file_and_no_debris(
+    trace_path: Path,
+    hybrid_layout: MoELayout,
+    three_sequences: list[RoutingTrace],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = trace_path.read_bytes()
+    writer = TraceWriter(trace_path, hybrid_layout)
+    writer.append(three_sequences[0])
+
+    def disk_full(source: object, target: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("routereplay.store.os.replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    assert trace_path.read_bytes() == before
+    assert [p.name for p in trace_path.parent.iterdir()] == [trace_path.name]
+
+
+def test_a_leftover_spill_file_is_reported_not_overwritten(
+    tmp_path: Path, hybrid_layout: MoELayout
+) -> None:
+    (tmp_path / "t.rr.partial").write_bytes(b"another writer's data")
+    with pytest.raises(TraceFileError, match=r"t\.rr\.partial exists: another TraceWriter"):
+        TraceWriter(tmp_path / "t.rr", hybrid_layout)
+    assert (tmp_path / "t.rr.partial").read_bytes() == b"another writer's data"
+
+
+def test_appending_after_close_is_an_error(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    writer = TraceWriter(tmp_path / "t.rr", hybrid_layout)
+    writer.close()
+    with pytest.raises(TraceFileError, match=r"TraceWriter of .*t\.rr is closed"):
+        writer.append(three_sequences[0])
+
+
+def test_an_unknown_encoding_is_refused(tmp_path: Path, hybrid_layout: MoELayout) -> None:
+    with pytest.raises(
+        TraceFileError, match="Unknown encoding 'zip'; choose one of compact, packed"
+    ):
+        TraceWriter(tmp_path / "t.rr", hybrid_layout, encoding="zip")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_append_checks_the_trace_against_the_layout(
+    tmp_path: Path, hybrid_layout: MoELayout
+) -> None:
+    other = MoELayout.from_dense_pattern([0, 0, 1, 1, 1, 1, 1, 1], num_experts=16, top_k=2)
+    with TraceWriter(tmp_path / "t.rr", hybrid_layout) as writer:
+        with pytest.raises(
+            TraceError, match=r"Sequence 0 appended to .*: This vllm trace has 16 experts, top_k=2"
+        ):
+            writer.append(random_trace(other, tokens=3))
+        writer.append(random_trace(hybrid_layout, tokens=3))  # the writer is still usable
+
+
+def test_append_names_the_routed_layers_a_trace_lacks(
+    tmp_path: Path, hybrid_layout: MoELayout
+) -> None:
+    stage = random_trace(hybrid_layout, tokens=3).select_layers([2, 3, 4])  # one pipeline stage
+    with (
+        TraceWriter(tmp_path / "t.rr", hybrid_layout) as writer,
+        pytest.raises(TraceError, match=r"lacks routed layers \[5, 6, 7\]; a trace file"),
+    ):
+        writer.append(stage)
+
+
+def test_append_refuses_mtp_layers(tmp_path: Path) -> None:
+    layout = MoELayout.from_dense_pattern([0, 1, 1], num_experts=8, top_k=2, mtp_layers=1)
+    trace = RoutingTrace(torch.tensor([[[0, 1], [2, 3], [4, 5]]]), (1, 2, 3), 8)
+    with (
+        TraceWriter(tmp_path / "t.rr", layout) as writer,
+        pytest.raises(TraceError, match=r"holds MTP layers \[3\].*select_layers"),
+    ):
+        writer.append(trace)
+
+
+def test_append_takes_one_sequence_not_a_batch(tmp_path: Path, hybrid_layout: MoELayout) -> None:
+    batch = random_trace(hybrid_layout, tokens=6).reshape_tokens(2, 3)
+    with (
+        TraceWriter(tmp_path / "t.rr", hybrid_layout) as writer,
+        pytest.raises(TraceError, match=r"has token axes \[2, 3\]; append one sequence"),
+    ):
+        writer.append(batch)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (np.arange(4), r"token ids have shape \[4\], the trace \[3\] tokens"),
+        (np.zeros((3, 1), dtype=np.int64), r"token ids have shape \[3, 1\]"),
+        (np.array([0.5, 1, 2]), "token ids must be integers, found dtype float64"),
+        (np.array([0, 1, 2**31]), "token ids must fit int32, found 0..2147483648"),
+    ],
+)
+def test_token_ids_must_fit_the_trace(
+    tmp_path: Path, hybrid_layout: MoELayout, tokens: np.ndarray, message: str
+) -> None:
+    with (
+        TraceWriter(tmp_path / "t.rr", hybrid_layout) as writer,
+        pytest.raises(TraceError, match=message),
+    ):
+        writer.append(random_trace(hybrid_layout, tokens=3), tokens)
+
+
+def test_token_ids_are_given_for_every_sequence_or_none(
+    tmp_path: Path, hybrid_layout: MoELayout
+) -> None:
+    trace = random_trace(hybrid_layout, tokens=3)
+    with TraceWriter(tmp_path / "t.rr", hybrid_layout) as writer:
+        writer.append(trace, torch.tensor([5, 6, 7]))
+        with pytest.raises(TraceError, match="Sequence 1 .* gives no token ids, but the sequences"):
+            writer.append(trace)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def test_check_layout_names_each_field_that_differs(tmp_path: Path) -> None:
+    deepseek = MoELayout.from_dense_pattern([0] * 3 + [1] * 58, num_experts=256, top_k=8)
+    qwen = MoELayout.from_dense_pattern([1] * 48, num_experts=256, top_k=8, family="qwen3_moe")
+    path = write(tmp_path / "t.rr", deepseek, [random_trace(deepseek, tokens=2)])
+    with (
+        TraceFile(path) as traces,
+        pytest.raises(
+            TraceFileError,
+            match=r"t\.rr was recorded on another model: file: 61 layers, routed 3\.\.60; "
+            r"model \(qwen3_moe\): 48 layers, routed 0\.\.47\.$",
+        ),
+    ):
+        traces.check_layout(qwen)
+
+
+def test_check_layout_names_experts_and_top_k(trace_path: Path) -> None:
+    other = MoELayout.from_dense_pattern([0, 0, 1, 1, 1, 1, 1, 1], num_experts=32, top_k=2)
+    with (
+        TraceFile(trace_path) as traces,
+        pytest.raises(
+            TraceFileError,
+            match=r"file: 16 experts, top_k=4; model \(custom\): 32 experts, top_k=2\.",
+        ),
+    ):
+        traces.check_layout(other)
+
+
+def test_a_damaged_sequence_is_named_and_the_others_still_read(
+    trace_path: Path, three_sequences: list[RoutingTrace]
+) -> None:
+    begin, _ = tensor_bytes(trace_path, "experts")
+    flip_byte(trace_path, begin + 7 * 6 * 4)  # the first id of sequence 1 (7 tokens before it)
+    with TraceFile(trace_path) as traces:
+        with pytest.raises(TraceFileError, match=r"rollouts\.rr: sequence 1 is damaged: its bytes"):
+            traces.trace(1)
+        with pytest.raises(TraceFileError, match="sequence 1 is damaged"):
+            traces.tokens(1)
+        assert traces.trace(0).equal(three_sequences[0])
+        assert traces.trace(2).equal(three_sequences[2])
+
+
+@pytest.mark.parametrize("tensor", ["routed", "tokens"])
+def test_damaged_masks_and_token_ids_fail_the_checksum(trace_path: Path, tensor: str) -> None:
+    _, end = tensor_bytes(trace_path, tensor)
+    flip_byte(trace_path, end - 1)  # in the last sequence
+    with (
+        TraceFile(trace_path) as traces,
+        pytest.raises(TraceFileError, match="sequence 2 is damaged"),
+    ):
+        traces.trace(2)
+
+
+def test_a_damaged_index_is_found_on_open(trace_path: Path) -> None:
+    begin, _ = tensor_bytes(trace_path, "offsets")
+    flip_byte(trace_path, begin + 8)
+    with pytest.raises(
+        TraceFileError,
+        match=r"rollouts\.rr is a damaged trace file: the 'offsets' tensor has checksum \w+, its header says",
+    ):
+        TraceFile(trace_path)
+
+
+def cut_points(size: int, header_end: int) -> list[int]:
+    return [0, 5, 8, 9, header_end // 2, header_end, (header_end + size) // 2, size - 1]
+
+
+@pytest.mark.parametrize("cut", range(8))
+def test_a_file_truncated_anywhere_is_reported_as_truncated(trace_path: Path, cut: int) -> None:
+    raw = trace_path.read_bytes()
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+    kept = cut_points(len(raw), header_end)[cut]
+    trace_path.write_bytes(raw[:kept])
+    with pytest.raises(
+        TraceFileError, match=rf"rollouts\.rr is not a readable trace file: .*\b{kept}\b.*truncated"
+    ):
+        TraceFile(trace_path)
+
+
+def test_bytes_after_the_last_tensor_are_reported(trace_path: Path) -> None:
+    trace_path.write_bytes(trace_path.read_bytes() + b"\0\0\0")
+    with pytest.raises(TraceFileError, match="3 bytes follow its last tensor"):
+        TraceFile(trace_path)
+
+
+def test_a_file_that_is_not_safetensors_is_not_a_trace_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("these are not routes, just some text")
+    with pytest.raises(
+        TraceFileError,
+        match=r"notes\.txt is not a readable trace file: it does not start with a safetensors header",
+    ):
+        TraceFile(path)
+
+
+def test_model_weights_are_not_a_trace_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"lm_head.weight": np.zeros((2, 2), np.float32)}, path)
+    with pytest.raises(
+        TraceFileError,
+        match=r"model\.safetensors is a safetensors file but not a routereplay trace file: its "
+        r"metadata has format=None, not 'routereplay.trace' \(tensors: lm_head.weight\)",
+    ):
+        TraceFile(path)
+
+
+def rewrite_metadata(path: Path, **changes: str | None) -> None:
+    """Rewrite a trace file with safetensors' own writer, metadata keys changed or dropped."""
+    with safe_open(str(path), framework="numpy") as raw:
+        metadata = dict(raw.metadata())
+    tensors = load_file(path)
+    for key, value in changes.items():
+        if value is None:
+            del metadata[key]
+        else:
+            metadata[key] = value
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_a_file_written_by_safetensors_itself_reads_back(
+    trace_path: Path, three_sequences: list[RoutingTrace]
+) -> None:
+    rewrite_metadata(trace_path)  # other tensor order, same content
+    with TraceFile(trace_path) as traces:
+        assert all(a.equal(b) for a, b in zip(traces, three_sequences, strict=True))
+
+
+def test_an_unsupported_format_version_is_named(trace_path: Path) -> None:
+    rewrite_metadata(trace_path, format_version="2")
+    with pytest.raises(
+        TraceFileError,
+        match=r"rollouts\.rr is trace format version 2; this routereplay reads version 1 only",
+    ):
+        TraceFile(trace_path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"top_k": None}, "its header lacks the metadata key 'top_k'"),
+        ({"num_experts": "many"}, "metadata num_experts='many' is not an integer"),
+        ({"moe_layers": "[2, 3"}, r"metadata moe_layers='\[2, 3' is not a JSON list of integers"),
+        (
+            {"moe_layers": "[3, 2]"},
+            "its layout is impossible: moe_layers must be strictly increasing",
+        ),
+        ({"encoding": "zip"}, "encoding 'zip' is none of compact, packed"),
+        ({"bits_per_id": "4"}, "bits_per_id is 4, but compact ids of 16 experts take 8"),
+        ({"num_tokens": "21"}, r"tensor 'offsets'|offsets must rise from 0 to num_tokens=21"),
+        ({"num_sequences": "4"}, r"tensor 'offsets' is I64 \[4\], the header implies I64 \[5\]"),
+        (
+            {"top_k": "2"},
+            r"tensor 'experts' is U8 \[20, 6, 4\], the header implies U8 \[20, 6, 2\]",
+        ),
+    ],
+)
+def test_a_header_that_does_not_match_its_tensors_is_damage(
+    trace_path: Path, changes: dict[str, str | None], message: str
+) -> None:
+    rewrite_metadata(trace_path, **changes)
+    with pytest.raises(TraceFileError, match=rf"rollouts\.rr is a damaged trace file: .*{message}"):
+        TraceFile(trace_path)
+
+
+def test_a_missing_file_names_its_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.rr does not exist"):
+        TraceFile(tmp_path / "nope.rr")
+
+
+def test_a_sequence_outside_the_file_is_an_index_error(trace_path: Path) -> None:
+    with TraceFile(trace_path) as traces:
+        assert traces.num_tokens(-1) == 12
+        with pytest.raises(IndexError, match="holds 3 sequences; there is no sequence 3"):
+            traces.trace(3)
+
+
+def test_a_closed_file_says_so(trace_path: Path) -> None:
+    traces = TraceFile(trace_path)
+    traces.close()
+    with pytest.raises(TraceFileError, match="is closed; open it again"):
+        traces.trace(0)
+
+
+# -- any layout, any routes ---------------------------------------------------------------------
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> MoELayout:
+    num_layers = draw(st.integers(1, 12))
+    dense_prefix = draw(st.integers(0, num_layers - 1))
+    rest = draw(
+        st.lists(
+            st.booleans(),
+            min_size=num_layers - dense_prefix - 1,
+            max_size=num_layers - dense_prefix - 1,
+        )
+    )
+    pattern = [False] * dense_prefix + [True] + rest  # the first layer after the prefix routes
+    num_experts = draw(st.integers(2, 300))
+    top_k = draw(st.integers(1, min(8, num_experts)))
+    return MoELayout.from_dense_pattern(pattern, num_experts, top_k)
+
+
+@given(
+    layout=layouts(),
+    lengths=st.lists(st.integers(0, 20), max_size=4),
+    missing=st.sampled_from([0.0, 0.3, 1.0]),
+    encoding=st.sampled_from(["compact", "packed"]),
+    with_tokens=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_any_layout_and_routes_read_back_exactly(
+    tmp_path_factory: pytest.TempPathFactory,
+    layout: MoELayout,
+    lengths: list[int],
+    missing: float,
+    encoding: str,
+    with_tokens: bool,
+    seed: int,
+) -> None:
+    traces = [random_trace(layout, n, seed + i, missing) for i, n in enumerate(lengths)]
+    rng = np.random.default_rng(seed)
+    tokens = [rng.integers(0, 2**31 - 1, n) for n in lengths] if with_tokens else None
+    path = write(tmp_path_factory.mktemp("any") / "t.rr", layout, traces, tokens, encoding)
+    with TraceFile(path) as read:
+        assert len(read) == len(traces) and read.layout_fingerprint == layout.fingerprint
+        for i, trace in enumerate(traces):
+            assert read.trace(i).equal(trace)
+            if tokens is not None:
+                assert read.tokens(i).tolist() == tokens[i].tolist()
