@@ -76,7 +76,7 @@ class ReplayController:
         # only keys with natively routed rows when replaying (the rest is in the trace).
         self._decided: dict[tuple[MicroBatch, int], torch.Tensor] = {}
         self._visited: set[tuple[MicroBatch, int]] = set()
-        self._counts: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, list[int | torch.Tensor]] = {}
         self._routed_layers = frozenset(layout.moe_layers) | frozenset(layout.mtp_layers)
         # The ids each layer used last, for losses computed after the forward (aux loss).
         self._last_ids: dict[int, torch.Tensor] = {}
@@ -223,7 +223,7 @@ class ReplayController:
         if self._mode is Mode.RECORD:
             native = select(logits, spec, bias)
             self._decided[key] = self._recorded(native.ids, key)
-            self._count(layer, logits.device, native=logits.shape[0])
+            self._count(layer, native=logits.shape[0])
             return native
         return self._replay(key, logits, spec, bias)
 
@@ -232,7 +232,7 @@ class ReplayController:
     def stats(self) -> dict[int, LayerStats]:
         """Per global layer, what the last record/replay context did."""
         return {
-            layer: LayerStats(*(int(v) for v in counts.tolist()))
+            layer: LayerStats(*(int(v) for v in counts))
             for layer, counts in sorted(self._counts.items())
         }
 
@@ -298,7 +298,7 @@ class ReplayController:
         native = scores.native_ids(bias)
         if target is None:  # not strict and nothing to replay: native, and counted.
             self._decided[key] = native.to(storage_dtype(self.layout.num_experts))
-            self._count(layer, logits.device, native=logits.shape[0])
+            self._count(layer, native=logits.shape[0])
             return Routing(scores.gate_weights(native), native)
         replayed = target[:, 0] != NO_ROUTE  # [tokens]
         ids = torch.where(replayed[:, None], target, native)
@@ -310,7 +310,6 @@ class ReplayController:
         differs = ~chosen.gather(1, ids).all(-1)
         self._count(
             layer,
-            logits.device,
             replayed=replayed.sum(),
             native=(~replayed).sum(),
             disagreed=differs.sum(),  # native rows agree with themselves by construction
@@ -332,7 +331,7 @@ class ReplayController:
         else:
             ids = decided.to(logits.device).long()
         _check_tokens(ids.shape[0], logits, key)
-        self._count(key[1], logits.device, recomputed=logits.shape[0])
+        self._count(key[1], recomputed=logits.shape[0])
         return Routing(gate_weights(logits, ids, spec), ids)
 
     def _target(
@@ -369,17 +368,16 @@ class ReplayController:
     def _count(
         self,
         layer: int,
-        device: torch.device,
         replayed: int | torch.Tensor = 0,
         native: int | torch.Tensor = 0,
         disagreed: int | torch.Tensor = 0,
         recomputed: int | torch.Tensor = 0,
     ) -> None:
-        # Counts stay on the router's device: no host sync inside the forward.
-        values = (replayed, native, disagreed, recomputed)
-        delta = torch.stack([torch.as_tensor(v, dtype=torch.int64, device=device) for v in values])
-        counts = self._counts.get(layer)
-        self._counts[layer] = delta if counts is None else counts.to(delta.device) + delta
+        # Tensor counts stay on the router's device (no host sync inside the forward);
+        # plain ints stay ints, so recording costs no tensor op per layer.
+        counts = self._counts.setdefault(layer, [0, 0, 0, 0])
+        for slot, value in enumerate((replayed, native, disagreed, recomputed)):
+            counts[slot] = counts[slot] + value
 
 
 def _check_tokens(
