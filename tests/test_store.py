@@ -255,7 +255,7 @@ def test_a_close_that_fails_leaves_the_previous_file_and_no_debris(
     def disk_full(source: object, target: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("routereplay.store.os.replace", disk_full)
+    monkeypatch.setattr("routereplay.store.writer.os.replace", disk_full)
     with pytest.raises(OSError, match="No space left"):
         writer.close()
     assert trace_path.read_bytes() == before
@@ -501,7 +501,9 @@ def test_an_unsupported_format_version_is_named(trace_path: Path) -> None:
     ("changes", "message"),
     [
         ({"top_k": None}, "its header lacks the metadata key 'top_k'"),
-        ({"num_experts": "many"}, "metadata num_experts='many' is not an integer"),
+        ({"num_experts": "many"}, "metadata num_experts='many' is not a non-negative integer"),
+        ({"num_sequences": "-1"}, "metadata num_sequences='-1' is not a non-negative integer"),
+        ({"top_k": " 4 "}, "metadata top_k=' 4 ' is not a non-negative integer"),
         ({"moe_layers": "[2, 3"}, r"metadata moe_layers='\[2, 3' is not a JSON list of integers"),
         (
             {"moe_layers": "[3, 2]"},

@@ -20,6 +20,10 @@ class ReplayError(RouteReplayError):
     """A router in replay mode could not be given the ids it should use."""
 
 
+class TraceFileError(RouteReplayError):
+    """A trace file that cannot be read (damaged, truncated, foreign) or written."""
+
+
 def short_ids(ids: Sequence[int]) -> str:
     """A list of layer or row ids for a message: in full when short, elided when long."""
     ids = list(ids)

@@ -1,0 +1,61 @@
+"""Trace files: the routes of many sequences in one safetensors file.
+
+Rollouts stream in one sequence at a time (`TraceWriter.append`); the trainer reads
+one sequence at a time (`TraceFile.trace(i)`), touching only that sequence's bytes.
+
+Format, version 1. A safetensors file (8-byte little-endian header length, JSON
+header, tensor bytes) whose `__metadata__` carries everything needed to read it:
+
+    format            "routereplay.trace"
+    format_version    "1"
+    num_layers        decoder layers of the model, e.g. "61"
+    moe_layers        JSON list of the routed (global, 0-based) decoder layers: the
+                      layer axis of every stored sequence, e.g. "[3, 4, ..., 60]"
+    mtp_layers        JSON list of routed MTP layers of the model (not stored)
+    num_experts       routed experts per layer
+    top_k             experts per token and layer
+    source            who recorded the routes ("vllm", "sglang", "recorded", ...)
+    encoding          "compact" or "packed"
+    bits_per_id       8, 16 or 32 for compact; ceil(log2(num_experts)) for packed
+    num_sequences     S
+    num_tokens        T, summed over all sequences
+    offsets_crc32     zlib.crc32 of the `offsets` tensor's bytes
+    checksums_crc32   zlib.crc32 of the `checksums` tensor's bytes
+
+Tensors, in file order (L = len(moe_layers), k = top_k):
+
+    offsets    I64 [S + 1]   token offsets: sequence i is tokens offsets[i]:offsets[i+1]
+    checksums  U32 [S]       zlib.crc32 of sequence i's experts, routed and tokens bytes
+    tokens     I32 [T]       token ids, only when every appended sequence gave them
+    experts    compact: U8 / U16 / U32 [T, L, k] (up to 256 / 65536 / more experts)
+               packed:  U8 [bytes], each sequence's T_i*L*k ids at bits_per_id bits,
+                        most significant bit first, zero-padded to a whole byte
+    routed     U8 [bytes]    each sequence's `[T_i, L]` routed mask, np.packbits,
+                             zero-padded to a whole byte; 0 = no route (-1 row)
+
+Ids of -1 rows are stored as 0: with 256 experts every 8-bit value is an expert, so
+"no route" lives in the mask. The mask and the packed ids are padded per sequence so
+that each sequence's bytes can be read alone; their byte offsets follow from
+`offsets`. Reading is strict: a wrong length, a checksum or a key that does not
+match is an error naming the file, never a guess.
+"""
+
+from routereplay.errors import TraceFileError
+from routereplay.store.codec import ENCODINGS, Bytes, Encoding, compact_dtype, packed_bits
+from routereplay.store.container import FORMAT, FORMAT_VERSION
+from routereplay.store.reader import TraceFile
+from routereplay.store.writer import TokenIds, TraceWriter
+
+__all__ = [
+    "ENCODINGS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Bytes",
+    "Encoding",
+    "TokenIds",
+    "TraceFile",
+    "TraceFileError",
+    "TraceWriter",
+    "compact_dtype",
+    "packed_bits",
+]

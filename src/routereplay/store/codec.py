@@ -1,0 +1,130 @@
+"""How one sequence's routes become bytes: the compact and bit-packed id encodings,
+the routed mask that marks -1 rows, and the per-sequence checksum."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Literal, get_args
+
+import numpy as np
+import numpy.typing as npt
+
+from routereplay.errors import TraceFileError
+from routereplay.trace import NO_ROUTE
+
+Encoding = Literal["compact", "packed"]
+ENCODINGS: tuple[str, ...] = get_args(Encoding)
+
+Bytes = npt.NDArray[np.uint8]
+
+# Ids per bit-packing step: bounds the temporary bit matrix; a multiple of 8, so that
+# every step but the last ends on a byte boundary and steps concatenate exactly.
+_PACK_STEP = 1 << 20
+
+
+def compact_dtype(num_experts: int) -> np.dtype[np.unsignedinteger[Any]]:
+    """Unsigned little-endian dtype of the compact encoding: 1, 2 or 4 bytes per id."""
+    if num_experts <= 1 << 8:
+        return np.dtype("<u1")
+    if num_experts <= 1 << 16:
+        return np.dtype("<u2")
+    return np.dtype("<u4")
+
+
+def packed_bits(num_experts: int) -> int:
+    """Bits per id of the packed encoding: ceil(log2(num_experts)), at least 1."""
+    return max(1, (num_experts - 1).bit_length())
+
+
+class Codec:
+    """How one sequence's routes become bytes, for one file's shape and encoding."""
+
+    def __init__(self, encoding: str, num_experts: int, num_layers: int, top_k: int) -> None:
+        if encoding not in ENCODINGS:
+            raise TraceFileError(
+                f"Unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}."
+            )
+        self.encoding = encoding
+        self.num_experts = num_experts
+        self.num_layers = num_layers
+        self.top_k = top_k
+        self.id_dtype = compact_dtype(num_experts)
+        self.bits = packed_bits(num_experts) if encoding == "packed" else 8 * self.id_dtype.itemsize
+        # Decoded ids go to RoutingTrace in a dtype that can also hold `num_experts`
+        # itself: its range check compares against that number in the tensor's dtype
+        # (int8 ids of 128 experts are refused as out of range).
+        self.trace_dtype = np.dtype(
+            next(t for t in (np.int8, np.int16, np.int32) if num_experts <= np.iinfo(t).max)
+        )
+
+    def id_bytes(self, tokens: int) -> int:
+        return -(-tokens * self.num_layers * self.top_k * self.bits // 8)
+
+    def mask_bytes(self, tokens: int) -> int:
+        return -(-tokens * self.num_layers // 8)
+
+    def encode(self, experts: np.ndarray[Any, Any]) -> tuple[Bytes, Bytes]:
+        """`experts [tokens, layers, top_k]` with -1 rows -> (id bytes, routed mask bytes)."""
+        routed = experts[..., 0] != NO_ROUTE
+        ids = experts.astype(self.id_dtype)
+        ids[~routed] = 0
+        if self.encoding == "packed":
+            return _pack_bits(ids.reshape(-1), self.bits), np.packbits(routed.reshape(-1))
+        return ids.reshape(-1).view(np.uint8), np.packbits(routed.reshape(-1))
+
+    def decode(self, ids: Bytes, mask: Bytes, tokens: int) -> np.ndarray[Any, Any]:
+        """Inverse of `encode`: signed `[tokens, layers, top_k]` with -1 rows."""
+        count = tokens * self.num_layers * self.top_k
+        if self.encoding == "packed":
+            values = _unpack_bits(ids, count, self.bits, self.id_dtype)
+        else:
+            values = ids.view(self.id_dtype)
+        experts = values.astype(self.trace_dtype).reshape(tokens, self.num_layers, self.top_k)
+        routed = np.unpackbits(mask, count=tokens * self.num_layers).reshape(
+            tokens, self.num_layers
+        )
+        experts[routed == 0] = NO_ROUTE
+        return experts
+
+
+def _pack_bits(values: np.ndarray[Any, Any], bits: int) -> Bytes:
+    """Unsigned `values [n]` at `bits` bits each, most significant bit first."""
+    if bits == 8 * values.dtype.itemsize:
+        return values.astype(values.dtype.newbyteorder(">")).view(np.uint8)
+    parts = []
+    for start in range(0, values.size, _PACK_STEP):
+        chunk = values[start : start + _PACK_STEP]
+        bit_matrix = np.empty((chunk.size, bits), dtype=np.uint8)
+        # One vectorised pass per bit position: a loop over bits, never over ids.
+        for column in range(bits):
+            np.bitwise_and(
+                chunk >> (bits - 1 - column), 1, out=bit_matrix[:, column], casting="unsafe"
+            )
+        parts.append(np.packbits(bit_matrix))
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint8)
+
+
+def _unpack_bits(
+    packed: Bytes, count: int, bits: int, dtype: np.dtype[Any]
+) -> np.ndarray[Any, Any]:
+    """Inverse of `_pack_bits`: `count` values of `dtype`."""
+    if bits == 8 * dtype.itemsize:
+        return packed.view(dtype.newbyteorder(">")).astype(dtype)
+    values = np.empty(count, dtype=dtype)
+    step_bytes = _PACK_STEP * bits // 8
+    for step, start in enumerate(range(0, count, _PACK_STEP)):
+        size = min(_PACK_STEP, count - start)
+        chunk = packed[step * step_bytes : (step + 1) * step_bytes]
+        bit_matrix = np.unpackbits(chunk, count=size * bits).reshape(size, bits)
+        value = np.zeros(size, dtype=dtype)
+        for column in range(bits):
+            value <<= 1
+            value |= bit_matrix[:, column]
+        values[start : start + size] = value
+    return values
+
+
+def sequence_crc(ids: Bytes, mask: Bytes, tokens: Bytes | None) -> int:
+    """zlib.crc32 over a sequence's experts, routed and tokens bytes (C-contiguous)."""
+    crc = zlib.crc32(mask.data, zlib.crc32(ids.data))
+    return crc if tokens is None else zlib.crc32(tokens.data, crc)

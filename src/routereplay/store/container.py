@@ -1,0 +1,174 @@
+"""The safetensors container of a trace file: its tensors in file order, the header
+that places them, typed reads of its metadata fields, words for the layout those
+fields record, and why a file safetensors refused is unreadable."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from routereplay.errors import short_ids as _short
+from routereplay.layout import MoELayout
+from routereplay.store.codec import Codec
+
+FORMAT = "routereplay.trace"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The counts that fix a trace file's tensor shapes and byte lengths."""
+
+    sequences: int
+    tokens: int
+    id_bytes: int
+    mask_bytes: int
+    has_tokens: bool
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a trace file: its name, safetensors dtype, shape and byte length."""
+
+    name: str
+    dtype: str  # safetensors dtype code
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+NUMPY_DTYPES = {"U8": "<u1", "U16": "<u2", "U32": "<u4", "I32": "<i4", "I64": "<i8"}
+
+
+def tensor_specs(codec: Codec, sizes: Sizes) -> list[TensorSpec]:
+    """The tensors of a trace file, in file order (widest alignment first)."""
+    specs = [
+        TensorSpec("offsets", "I64", (sizes.sequences + 1,), 8 * (sizes.sequences + 1)),
+        TensorSpec("checksums", "U32", (sizes.sequences,), 4 * sizes.sequences),
+    ]
+    if sizes.has_tokens:
+        specs.append(TensorSpec("tokens", "I32", (sizes.tokens,), 4 * sizes.tokens))
+    if codec.encoding == "compact":
+        width = codec.id_dtype.itemsize
+        shape = (sizes.tokens, codec.num_layers, codec.top_k)
+        specs.append(TensorSpec("experts", f"U{8 * width}", shape, sizes.id_bytes))
+    else:
+        specs.append(TensorSpec("experts", "U8", (sizes.id_bytes,), sizes.id_bytes))
+    specs.append(TensorSpec("routed", "U8", (sizes.mask_bytes,), sizes.mask_bytes))
+    return specs
+
+
+def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding `specs`, in order.
+
+    `safetensors.numpy.save_file` wants every tensor in memory at once; writing the
+    header ourselves lets the writer stream sequences from its spill file instead.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    start = 0
+    for spec in specs:
+        end = start + spec.nbytes
+        header[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [start, end],
+        }
+        start = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors does: tensor data starts 8-aligned
+    return struct.pack("<Q", len(text)) + text
+
+
+class HeaderFields:
+    """Typed reads of a trace file's metadata; a missing or malformed key is damage."""
+
+    def __init__(self, metadata: dict[str, str], damaged: Any) -> None:
+        self._metadata = metadata
+        self._damaged = damaged
+
+    def text(self, key: str) -> str:
+        if key not in self._metadata:
+            raise self._damaged(f"its header lacks the metadata key {key!r}")
+        return self._metadata[key]
+
+    def integer(self, key: str) -> int:
+        value = self.text(key)
+        # Every integer in the header is a count, an id or a crc32: plain ASCII digits.
+        # int() would also take "-1", " 5 " and "1_0".
+        if not (value.isascii() and value.isdigit()):
+            raise self._damaged(f"metadata {key}={value!r} is not a non-negative integer")
+        return int(value)
+
+    def integers(self, key: str) -> tuple[int, ...]:
+        value = self.text(key)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, list) or not all(type(i) is int for i in parsed):
+            raise self._damaged(f"metadata {key}={value!r} is not a JSON list of integers")
+        return tuple(parsed)
+
+
+FINGERPRINT_WORDS = {
+    "num_layers": "{} layers",
+    "moe_layers": "routed {}",
+    "mtp_layers": "MTP {}",
+    "num_experts": "{} experts",
+    "top_k": "top_k={}",
+}
+
+
+def describe(layout: MoELayout, fields: list[str]) -> str:
+    """'61 layers, routed 3..60' for the named fingerprint fields of `layout`."""
+    words = []
+    for name in fields:
+        value = getattr(layout, name)
+        shown = (_layer_range(value) or "none") if isinstance(value, tuple) else value
+        words.append(FINGERPRINT_WORDS[name].format(shown))
+    return ", ".join(words)
+
+
+def _layer_range(layers: Sequence[int]) -> str:
+    """'3..60' for a contiguous run, else the ids."""
+    if len(layers) > 2 and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}"
+    return _short(layers) if layers else ""
+
+
+def why_unreadable(path: Path, error: Exception) -> str:
+    """What is wrong with a file safetensors refused, in words a user can act on."""
+    size = path.stat().st_size
+    if size < 8:
+        return (
+            f"it is {size} bytes long, shorter than the 8-byte header length a trace file "
+            "starts with (truncated?)"
+        )
+    with path.open("rb") as file:
+        header_bytes = struct.unpack("<Q", file.read(8))[0]
+        first = file.read(1)
+        if first not in (b"{", b""):
+            return "it does not start with a safetensors header"
+        if 8 + header_bytes > size:
+            return (
+                f"its header ends at byte {8 + header_bytes} but the file has {size} bytes: "
+                "it is truncated"
+            )
+        file.seek(8)
+        try:
+            header = json.loads(file.read(header_bytes))
+            end = max(
+                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (ValueError, KeyError, TypeError, IndexError):
+            return f"its safetensors header is not valid JSON ({error})"
+    expected = 8 + header_bytes + end
+    if expected > size:
+        return f"its tensors end at byte {expected} but the file has {size} bytes: it is truncated"
+    if expected < size:
+        return f"{size - expected} bytes follow its last tensor"
+    return f"safetensors refuses it ({error})"

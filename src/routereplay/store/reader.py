@@ -1,0 +1,306 @@
+"""Reading trace files: `TraceFile` checks the header and index on open, then reads
+and verifies one sequence at a time."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from routereplay.errors import LayoutError, TraceError, TraceFileError
+from routereplay.errors import short_ids as _short
+from routereplay.layout import MoELayout
+from routereplay.store.codec import ENCODINGS, Bytes, Codec, sequence_crc
+from routereplay.store.container import (
+    FINGERPRINT_WORDS,
+    FORMAT,
+    FORMAT_VERSION,
+    NUMPY_DTYPES,
+    HeaderFields,
+    Sizes,
+    TensorSpec,
+    describe,
+    tensor_specs,
+    why_unreadable,
+)
+from routereplay.trace import RoutingTrace
+
+
+class TraceFile:
+    """A trace file opened for reading one sequence at a time.
+
+    Opening reads and checks the header and the index (`offsets`, `checksums`);
+    `trace(i)` and `tokens(i)` read only sequence i's bytes and verify its checksum.
+    """
+
+    source: str
+    encoding: str
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            what = "is a directory" if self.path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"{self.path} {what}: no trace file to read.")
+        try:
+            self._handle: Any = _open_safetensors(self.path)
+        except SafetensorError as error:
+            raise TraceFileError(
+                f"{self.path} is not a readable trace file: {why_unreadable(self.path, error)}."
+            ) from None
+        try:
+            self._read_index(self._handle.metadata() or {})
+        except BaseException:
+            self.close()
+            raise
+
+    # -- what the file holds ----------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __iter__(self) -> Iterator[RoutingTrace]:
+        for index in range(len(self)):
+            yield self.trace(index)
+
+    @property
+    def layout_fingerprint(self) -> dict[str, Any]:
+        """The model the routes were recorded on, as `MoELayout.fingerprint`."""
+        return self._layout.fingerprint
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The global routed layers on every stored trace's layer axis."""
+        return self._layout.moe_layers
+
+    @property
+    def num_experts(self) -> int:
+        return self._layout.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self._layout.top_k
+
+    @property
+    def bits_per_id(self) -> int:
+        return self._codec.bits
+
+    @property
+    def has_tokens(self) -> bool:
+        return self._has_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self._offsets[-1])
+
+    def num_tokens(self, index: int) -> int:
+        index = self._index(index)
+        return int(self._offsets[index + 1] - self._offsets[index])
+
+    def trace(self, index: int) -> RoutingTrace:
+        """Sequence `index`'s routes: `experts [tokens, layers, top_k]`, -1 rows kept."""
+        index = self._index(index)
+        ids, mask, _ = self._read_sequence(index)
+        experts = self._codec.decode(ids, mask, self.num_tokens(index))
+        try:
+            return RoutingTrace(
+                torch.from_numpy(experts), self.layers, self.num_experts, self.source
+            )
+        except TraceError as error:
+            raise TraceFileError(
+                f"{self.path}: sequence {index} passed its checksum but is not a valid trace "
+                f"(was it written by another tool?): {error}"
+            ) from None
+
+    def tokens(self, index: int) -> torch.Tensor:
+        """Sequence `index`'s token ids: int32 `[tokens]`."""
+        index = self._index(index)
+        _, _, token_ids = self._read_sequence(index)
+        if token_ids is None:
+            raise TraceFileError(
+                f"{self.path} holds no token ids: none were given to TraceWriter.append."
+            )
+        return torch.from_numpy(token_ids.view("<i4").copy())
+
+    def check_layout(self, layout: MoELayout) -> None:
+        """Raise unless the routes were recorded on a model of `layout`, naming each field
+        that differs."""
+        ours = self._layout
+        differ = [
+            name for name in FINGERPRINT_WORDS if getattr(ours, name) != getattr(layout, name)
+        ]
+        if differ:
+            raise TraceFileError(
+                f"{self.path} was recorded on another model: file: {describe(ours, differ)}; "
+                f"model ({layout.family}): {describe(layout, differ)}."
+            )
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.__exit__(None, None, None)
+
+    def __enter__(self) -> TraceFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"TraceFile({str(self.path)!r}, sequences={len(self)}, tokens={self.total_tokens}, "
+            f"layers={_short(self.layers)}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"source={self.source!r}, encoding={self.encoding!r})"
+        )
+
+    # -- internals --------------------------------------------------------------------
+
+    def _damaged(self, what: str) -> TraceFileError:
+        return TraceFileError(f"{self.path} is a damaged trace file: {what}.")
+
+    def _read_index(self, metadata: dict[str, str]) -> None:
+        """Parse the header, then check every tensor's dtype and shape and the index."""
+        found = metadata.get("format")
+        if found != FORMAT:
+            raise TraceFileError(
+                f"{self.path} is a safetensors file but not a routereplay trace file: its "
+                f"metadata has format={found!r}, not {FORMAT!r} (tensors: "
+                f"{', '.join(sorted(self._handle.keys())[:6]) or 'none'})."
+            )
+        version = metadata.get("format_version")
+        if version != str(FORMAT_VERSION):
+            raise TraceFileError(
+                f"{self.path} is trace format version {version}; this routereplay reads "
+                f"version {FORMAT_VERSION} only. Read it with the routereplay that wrote it."
+            )
+        fields = HeaderFields(metadata, self._damaged)
+        try:
+            self._layout = MoELayout(
+                num_layers=fields.integer("num_layers"),
+                moe_layers=fields.integers("moe_layers"),
+                num_experts=fields.integer("num_experts"),
+                top_k=fields.integer("top_k"),
+                mtp_layers=fields.integers("mtp_layers"),
+                family="trace file",
+            )
+        except LayoutError as error:
+            raise self._damaged(f"its layout is impossible: {error}") from None
+        self.source = fields.text("source")
+        encoding = fields.text("encoding")
+        if encoding not in ENCODINGS:
+            raise self._damaged(f"encoding {encoding!r} is none of {', '.join(ENCODINGS)}")
+        self.encoding = encoding
+        self._codec = Codec(encoding, self.num_experts, len(self.layers), self.top_k)
+        if fields.integer("bits_per_id") != self._codec.bits:
+            raise self._damaged(
+                f"bits_per_id is {fields.integer('bits_per_id')}, but {encoding} ids of "
+                f"{self.num_experts} experts take {self._codec.bits}"
+            )
+
+        sequences, tokens = fields.integer("num_sequences"), fields.integer("num_tokens")
+        names = set(self._handle.keys())
+        self._has_tokens = "tokens" in names
+        self._check_tensor(TensorSpec("offsets", "I64", (sequences + 1,), 0))
+        offsets = self._handle.get_tensor("offsets")
+        self._check_crc("offsets", offsets, fields.integer("offsets_crc32"))
+        counts = np.diff(offsets)
+        if offsets[0] != 0 or (counts < 0).any() or offsets[-1] != tokens:
+            raise self._damaged(
+                f"the token offsets must rise from 0 to num_tokens={tokens}, found "
+                f"{offsets[:3].tolist()} ... {offsets[-1]}"
+            )
+        id_bytes = (counts * len(self.layers) * self.top_k * self._codec.bits + 7) // 8
+        mask_bytes = (counts * len(self.layers) + 7) // 8
+        self._offsets = offsets
+        self._id_starts = np.concatenate([[0], np.cumsum(id_bytes)])
+        self._mask_starts = np.concatenate([[0], np.cumsum(mask_bytes)])
+        sizes = Sizes(
+            sequences,
+            tokens,
+            int(self._id_starts[-1]),
+            int(self._mask_starts[-1]),
+            self._has_tokens,
+        )
+        specs = tensor_specs(self._codec, sizes)
+        expected = {spec.name for spec in specs}
+        if names != expected:
+            raise self._damaged(f"it holds tensors {sorted(names)}, expected {sorted(expected)}")
+        for spec in specs:
+            self._check_tensor(spec)
+        self._checksums = self._handle.get_tensor("checksums")
+        self._check_crc("checksums", self._checksums, fields.integer("checksums_crc32"))
+
+    def _check_tensor(self, spec: TensorSpec) -> None:
+        if spec.name not in self._handle.keys():  # noqa: SIM118 (not a dict)
+            raise self._damaged(f"it has no {spec.name!r} tensor")
+        view = self._handle.get_slice(spec.name)
+        dtype, shape = view.get_dtype(), tuple(view.get_shape())
+        if (dtype, shape) != (spec.dtype, spec.shape):
+            raise self._damaged(
+                f"tensor {spec.name!r} is {dtype} {list(shape)}, the header implies "
+                f"{spec.dtype} {list(spec.shape)}"
+            )
+
+    def _check_crc(self, name: str, values: np.ndarray[Any, Any], expected: int) -> None:
+        found = zlib.crc32(np.ascontiguousarray(values).data)
+        if found != expected:
+            raise self._damaged(
+                f"the {name!r} tensor has checksum {found:08x}, its header says {expected:08x}"
+            )
+
+    def _index(self, index: int) -> int:
+        if self._handle is None:
+            raise TraceFileError(f"{self.path} is closed; open it again with TraceFile(path).")
+        count = len(self)
+        if not -count <= index < count:
+            raise IndexError(f"{self.path} holds {count} sequences; there is no sequence {index}.")
+        return index % count
+
+    def _read_sequence(self, index: int) -> tuple[Bytes, Bytes, Bytes | None]:
+        """Sequence `index`'s experts, routed and tokens bytes, checksum verified."""
+        t0, t1 = int(self._offsets[index]), int(self._offsets[index + 1])
+        if self.encoding == "compact":
+            ids = self._slice("experts", t0, t1).reshape(-1).view(np.uint8)
+        else:
+            ids = self._slice(
+                "experts", int(self._id_starts[index]), int(self._id_starts[index + 1])
+            )
+        mask = self._slice(
+            "routed", int(self._mask_starts[index]), int(self._mask_starts[index + 1])
+        )
+        token_ids = self._slice("tokens", t0, t1).view(np.uint8) if self._has_tokens else None
+        found, expected = sequence_crc(ids, mask, token_ids), int(self._checksums[index])
+        if found != expected:
+            raise TraceFileError(
+                f"{self.path}: sequence {index} is damaged: its bytes have checksum "
+                f"{found:08x}, the index says {expected:08x}. The file changed after it was "
+                "written; the other sequences can still be read."
+            )
+        return ids, mask, token_ids
+
+    def _slice(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
+        """Rows `start:stop` of one tensor, read lazily (only those bytes)."""
+        view = self._handle.get_slice(name)
+        if start == stop:
+            # safetensors refuses even an empty slice of an empty axis.
+            shape = [0, *view.get_shape()[1:]]
+            return np.empty(shape, dtype=NUMPY_DTYPES[view.get_dtype()])
+        return np.ascontiguousarray(view[start:stop])
+
+
+def _open_safetensors(path: Path) -> Any:
+    """A lazy safetensors handle: tensors are read on demand, slice by slice."""
+    return safe_open(str(path), framework="numpy")

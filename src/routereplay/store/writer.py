@@ -1,0 +1,280 @@
+"""Writing trace files: `TraceWriter` spills sequences to disk as they arrive and
+writes the trace file atomically on `close()`."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from routereplay.errors import TraceError, TraceFileError
+from routereplay.errors import short_ids as _short
+from routereplay.layout import MoELayout
+from routereplay.store.codec import Codec, Encoding, sequence_crc
+from routereplay.store.container import (
+    FORMAT,
+    FORMAT_VERSION,
+    Sizes,
+    safetensors_header,
+    tensor_specs,
+)
+from routereplay.trace import RoutingTrace
+
+TokenIds = torch.Tensor | np.ndarray[Any, Any] | Sequence[int]
+
+# Per appended sequence, the spill file holds this record header (tokens, crc32),
+# then the sequence's experts, routed and tokens bytes exactly as the final file will.
+_RECORD = struct.Struct("<QI")
+_RECORD_SECTIONS = ("experts", "routed", "tokens")
+
+
+class TraceWriter:
+    """Write sequences' routes to a trace file as they arrive.
+
+    Appended sequences go to a spill file next to the target (`PATH.partial`), so
+    memory stays flat however many sequences arrive. `close()` writes the trace file
+    to a temporary name and renames it into place: `path` is either the complete new
+    file or whatever was there before. Leaving a `with` block by an exception
+    discards everything (`discard()`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        layout: MoELayout,
+        *,
+        source: str = "recorded",
+        encoding: Encoding = "compact",
+    ) -> None:
+        self.path = Path(path)
+        self.layout = layout
+        self.source = source
+        self.encoding: Encoding = encoding
+        self._codec = Codec(encoding, layout.num_experts, len(layout.moe_layers), layout.top_k)
+        self.spill_path = self.path.with_name(self.path.name + ".partial")
+        try:
+            self._spill: IO[bytes] | None = open(self.spill_path, "x+b")  # noqa: SIM115
+        except FileExistsError:
+            raise TraceFileError(
+                f"{self.spill_path} exists: another TraceWriter is writing {self.path}, or "
+                "one was interrupted. Remove it if no writer is running."
+            ) from None
+        self._sequences = 0
+        self._tokens = 0
+        self._id_bytes = 0
+        self._mask_bytes = 0
+        self._has_tokens: bool | None = None  # decided by the first append
+        self._offsets_crc = zlib.crc32(struct.pack("<q", 0))
+        self._checksums_crc = zlib.crc32(b"")
+
+    def __len__(self) -> int:
+        return self._sequences
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+    def append(self, trace: RoutingTrace, tokens: TokenIds | None = None) -> None:
+        """Add one sequence: `trace [tokens, moe_layers, top_k]`, `tokens [tokens]` ids.
+
+        Token ids are optional, but a file holds them for every sequence or for none.
+        """
+        spill = self._open_spill()
+        experts = self._check_trace(trace)
+        token_ids = self._check_tokens(tokens, len(experts))
+        ids, mask = self._codec.encode(experts)
+        token_bytes = None if token_ids is None else token_ids.view(np.uint8)
+        crc = sequence_crc(ids, mask, token_bytes)
+        try:
+            spill.write(_RECORD.pack(len(experts), crc))
+            spill.write(ids.tobytes())
+            spill.write(mask.tobytes())
+            if token_bytes is not None:
+                spill.write(token_bytes.tobytes())
+        except BaseException:
+            # A half-written record would misplace every later one.
+            self.discard()
+            raise
+        self._sequences += 1
+        self._tokens += len(experts)
+        self._id_bytes += len(ids)
+        self._mask_bytes += len(mask)
+        self._has_tokens = token_ids is not None
+        self._offsets_crc = zlib.crc32(struct.pack("<q", self._tokens), self._offsets_crc)
+        self._checksums_crc = zlib.crc32(struct.pack("<I", crc), self._checksums_crc)
+
+    def close(self) -> None:
+        """Write the trace file (atomically) and remove the spill file. Idempotent."""
+        if self._spill is None:
+            return
+        # Unique while this writer holds the spill file; open() honours the umask,
+        # which tempfile.mkstemp (mode 0600) would not.
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "xb") as out:
+                self._write_file(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            self.discard()
+            raise
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop everything appended: remove the spill file, write no trace file."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+            self.spill_path.unlink(missing_ok=True)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _open_spill(self) -> IO[bytes]:
+        if self._spill is None:
+            raise TraceFileError(f"The TraceWriter of {self.path} is closed; open a new one.")
+        return self._spill
+
+    def _check_trace(self, trace: RoutingTrace) -> np.ndarray[Any, Any]:
+        where = f"Sequence {self._sequences} appended to {self.path}"
+        if not isinstance(trace, RoutingTrace):
+            raise TraceError(
+                f"{where} is a {type(trace).__name__}, not a RoutingTrace: build one with "
+                "RoutingTrace.from_all_layers(engine_array, layout, source=...)."
+            )
+        try:
+            trace.check_layout(self.layout)
+        except TraceError as error:
+            raise TraceError(f"{where}: {error}") from None
+        if trace.layers != self.layout.moe_layers:
+            missing = [i for i in self.layout.moe_layers if i not in trace.layers]
+            extra = [i for i in trace.layers if i not in self.layout.moe_layers]
+            problems = [f"lacks routed layers {_short(missing)}"] if missing else []
+            if extra:
+                problems.append(
+                    f"holds MTP layers {_short(extra)}, which trace files do not store "
+                    "(append trace.select_layers(layout.moe_layers))"
+                )
+            raise TraceError(
+                f"{where} {' and '.join(problems)}; a trace file stores every routed layer "
+                f"{_short(self.layout.moe_layers)} of each sequence."
+            )
+        if len(trace.leading_shape) != 1:
+            raise TraceError(
+                f"{where} has token axes {list(trace.leading_shape)}; append one sequence "
+                "at a time, shaped [tokens, layers, top_k] (for a batch: "
+                "RoutingTrace(trace.expert_ids()[b], trace.layers, trace.num_experts) per row b)."
+            )
+        experts: np.ndarray[Any, Any] = trace.experts.detach().cpu().numpy()
+        return experts
+
+    def _check_tokens(self, tokens: TokenIds | None, count: int) -> npt.NDArray[np.int32] | None:
+        where = f"Sequence {self._sequences} appended to {self.path}"
+        given = tokens is not None
+        if self._has_tokens is not None and given != self._has_tokens:
+            had = "gave" if self._has_tokens else "gave no"
+            raise TraceError(
+                f"{where} {'gives' if given else 'gives no'} token ids, but the sequences "
+                f"before it {had} token ids: a trace file holds token ids for every "
+                "sequence or for none."
+            )
+        if tokens is None:
+            return None
+        array = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else tokens
+        array = np.asarray(array)
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise TraceError(f"{where}: token ids must be integers, found dtype {array.dtype}.")
+        if array.shape != (count,):
+            raise TraceError(
+                f"{where}: token ids have shape {list(array.shape)}, the trace [{count}] tokens."
+            )
+        info = np.iinfo(np.int32)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise TraceError(
+                f"{where}: token ids must fit int32, found {array.min()}..{array.max()}."
+            )
+        return array.astype("<i4")
+
+    def _metadata(self) -> dict[str, str]:
+        fingerprint = self.layout.fingerprint
+        return {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "num_layers": str(fingerprint["num_layers"]),
+            "moe_layers": json.dumps(fingerprint["moe_layers"]),
+            "mtp_layers": json.dumps(fingerprint["mtp_layers"]),
+            "num_experts": str(fingerprint["num_experts"]),
+            "top_k": str(fingerprint["top_k"]),
+            "source": self.source,
+            "encoding": self.encoding,
+            "bits_per_id": str(self._codec.bits),
+            "num_sequences": str(self._sequences),
+            "num_tokens": str(self._tokens),
+            "offsets_crc32": str(self._offsets_crc),
+            "checksums_crc32": str(self._checksums_crc),
+        }
+
+    def _sizes(self) -> Sizes:
+        return Sizes(
+            self._sequences, self._tokens, self._id_bytes, self._mask_bytes, bool(self._has_tokens)
+        )
+
+    def _write_file(self, out: IO[bytes]) -> None:
+        specs = tensor_specs(self._codec, self._sizes())
+        out.write(safetensors_header(specs, self._metadata()))
+        for spec in specs:
+            if spec.name == "offsets":
+                out.write(struct.pack("<q", 0))
+                total = 0
+                for tokens, _, _ in self._records():
+                    total += tokens
+                    out.write(struct.pack("<q", total))
+            elif spec.name == "checksums":
+                for _, crc, _ in self._records():
+                    out.write(struct.pack("<I", crc))
+            else:
+                # Copied sequence by sequence: memory holds one sequence at a time.
+                spill = self._open_spill()
+                for tokens, _, start in self._records():
+                    offset, size = self._span(spec.name, tokens)
+                    spill.seek(start + offset)
+                    out.write(spill.read(size))
+
+    def _records(self) -> Iterator[tuple[int, int, int]]:
+        """(tokens, crc32, payload position) of every record in the spill file."""
+        spill = self._open_spill()
+        spill.flush()
+        position = 0
+        for _ in range(self._sequences):
+            spill.seek(position)
+            tokens, crc = _RECORD.unpack(spill.read(_RECORD.size))
+            start = position + _RECORD.size
+            yield tokens, crc, start
+            position = start + sum(self._span(name, tokens)[1] for name in _RECORD_SECTIONS)
+
+    def _span(self, section: str, tokens: int) -> tuple[int, int]:
+        """(offset in a record's payload, size) of one section of a sequence."""
+        ids, mask = self._codec.id_bytes(tokens), self._codec.mask_bytes(tokens)
+        token_bytes = 4 * tokens if self._has_tokens else 0
+        spans = {"experts": (0, ids), "routed": (ids, mask), "tokens": (ids + mask, token_bytes)}
+        return spans[section]
