@@ -1,11 +1,18 @@
 """routereplay: record the experts an MoE model chose, replay them in the trainer."""
 
 from routereplay.controller import LayerStats, Mode, ReplayController
-from routereplay.errors import LayoutError, ReplayError, RouteReplayError, TraceError
+from routereplay.errors import (
+    LayoutError,
+    ReplayError,
+    RouteReplayError,
+    TraceError,
+    TraceFileError,
+)
 from routereplay.integrations.hf import attach
 from routereplay.layout import MoELayout
 from routereplay.recording import Recording, Tokens
 from routereplay.routing import RouterScores, RouterSpec, Routing, gate_weights, native_ids, select
+from routereplay.store import TraceFile, TraceWriter
 from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
 
 __version__ = "0.1.0"
@@ -26,6 +33,9 @@ __all__ = [
     "RoutingTrace",
     "Tokens",
     "TraceError",
+    "TraceFile",
+    "TraceFileError",
+    "TraceWriter",
     "__version__",
     "attach",
     "gate_weights",
