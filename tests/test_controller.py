@@ -413,3 +413,24 @@ def test_a_micro_batch_with_different_token_counts_per_layer_is_not_one_micro_ba
         TraceError, match=r"routed different token counts on different layers \(\[4, 5\]\)"
     ):
         _ = recording.trace
+
+
+def test_choose_leaves_gate_weights_to_the_framework(
+    hybrid_layout: MoELayout, softmax_spec: RouterSpec
+) -> None:
+    controller = ReplayController(hybrid_layout)
+    native = select(torch.randn(5, 16), softmax_spec).ids
+    with controller.record() as recording:
+        assert torch.equal(controller.choose(2, native, num_experts=16), native)
+    other = select(torch.randn(5, 16), softmax_spec).ids
+    with controller.replay(recording.trace, strict=False):
+        assert torch.equal(controller.choose(2, other, num_experts=16), native)
+    assert controller.stats()[2].replayed == 5
+
+
+def test_each_context_gets_a_new_serial(model: ToyMoE, tokens: torch.Tensor) -> None:
+    first = model.controller.context_serial
+    trace = record(model, tokens)
+    with pytest.raises(RuntimeError), model.controller.replay(trace):
+        raise RuntimeError("a failed step still counts")
+    assert model.controller.context_serial == first + 2

@@ -27,7 +27,7 @@ from routereplay.errors import ReplayError, TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
 from routereplay.recording import MicroBatch, Recording, Tokens
-from routereplay.routing import RouterScores, RouterSpec, Routing, gate_weights, select
+from routereplay.routing import RouterScores, RouterSpec, Routing
 from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
 
 DEFAULT_MICRO_BATCH: MicroBatch = 0
@@ -81,6 +81,7 @@ class ReplayController:
         # The ids each layer used last, for losses computed after the forward (aux loss).
         self._last_ids: dict[int, torch.Tensor] = {}
         self._detachers: list[Callable[[], None]] = []
+        self._serial = 0
 
     # -- modes --------------------------------------------------------------------------
 
@@ -124,6 +125,12 @@ class ReplayController:
                 yield
         finally:
             self.strict = previous_strict
+
+    @property
+    def context_serial(self) -> int:
+        """Counts record/replay contexts entered: adapters that keep per-step state (a
+        forward counter per model chunk) reset it when this changes."""
+        return self._serial
 
     @property
     def current_micro_batch(self) -> MicroBatch:
@@ -197,19 +204,26 @@ class ReplayController:
         bias: torch.Tensor | None = None,
     ) -> Routing:
         """Ids and gate weights for `logits [tokens, experts]` of global `layer`."""
-        routing = self._route(layer, logits, spec, bias)
-        self._last_ids[layer] = routing.ids
-        return routing
+        scores = RouterScores(logits, spec)
+        ids = self.choose(layer, scores.native_ids(bias), logits.shape[-1])
+        return Routing(scores.gate_weights(ids), ids)
 
-    def _route(
-        self,
-        layer: int,
-        logits: torch.Tensor,
-        spec: RouterSpec,
-        bias: torch.Tensor | None,
-    ) -> Routing:
+    def choose(self, layer: int, native: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """The ids `[tokens, top_k]` (int64) global `layer` routes to.
+
+        `native [tokens, top_k]` is the router's own choice, computed without autograd.
+        Off: `native`. Record: `native`, kept. Replay: the trace's ids, `native` for -1
+        rows. A (micro-batch, layer) seen before in this context gets the same ids again.
+        For adapters whose framework computes the gate weights itself (megatron-core);
+        `route` is this plus `gate_weights`.
+        """
+        ids = self._choose(layer, native, num_experts)
+        self._last_ids[layer] = ids
+        return ids
+
+    def _choose(self, layer: int, native: torch.Tensor, num_experts: int) -> torch.Tensor:
         if self._mode is Mode.OFF:
-            return select(logits, spec, bias)
+            return native
         if layer not in self._routed_layers:
             raise ReplayError(
                 f"A router reported global layer {layer}, which does not route in the "
@@ -218,14 +232,13 @@ class ReplayController:
             )
         key = (self._micro_batch, layer)
         if key in self._visited:
-            return self._route_again(key, logits, spec, bias)
+            return self._choose_again(key, native, num_experts)
         self._visited.add(key)
         if self._mode is Mode.RECORD:
-            native = select(logits, spec, bias)
-            self._decided[key] = self._recorded(native.ids, key)
-            self._count(layer, native=logits.shape[0])
+            self._decided[key] = self._recorded(native, key)
+            self._count(layer, native=native.shape[0])
             return native
-        return self._replay(key, logits, spec, bias)
+        return self._replay(key, native, num_experts)
 
     # -- statistics -------------------------------------------------------------------
 
@@ -253,6 +266,7 @@ class ReplayController:
                 f"{self._mode.value} mode. Contexts do not nest."
             )
         self._mode = mode
+        self._serial += 1
         self._counts = {}
         entry_micro_batch = (self._micro_batch, self._tokens)
         try:
@@ -286,27 +300,23 @@ class ReplayController:
         return kept.masked_fill(tokens.padding.reshape(-1, 1).to(kept.device), NO_ROUTE)
 
     def _replay(
-        self,
-        key: tuple[MicroBatch, int],
-        logits: torch.Tensor,
-        spec: RouterSpec,
-        bias: torch.Tensor | None,
-    ) -> Routing:
+        self, key: tuple[MicroBatch, int], native: torch.Tensor, num_experts: int
+    ) -> torch.Tensor:
         micro_batch, layer = key
-        target = self._target(micro_batch, layer, logits, spec)
-        scores = RouterScores(logits, spec)
-        native = scores.native_ids(bias)
+        target = self._target(micro_batch, layer, native, num_experts)
         if target is None:  # not strict and nothing to replay: native, and counted.
             self._decided[key] = native.to(storage_dtype(self.layout.num_experts))
-            self._count(layer, native=logits.shape[0])
-            return Routing(scores.gate_weights(native), native)
+            self._count(layer, native=native.shape[0])
+            return native
         replayed = target[:, 0] != NO_ROUTE  # [tokens]
         ids = torch.where(replayed[:, None], target, native)
         if not bool(replayed.all()):
             # Native rows must not drift on recompute: keep what they chose now.
             self._decided[key] = ids.to(storage_dtype(self.layout.num_experts))
         # Ids in a row are distinct: the sets differ iff some id is not a native choice.
-        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, native, True)
+        chosen = torch.zeros(
+            (native.shape[0], num_experts), dtype=torch.bool, device=native.device
+        ).scatter_(1, native, True)
         differs = ~chosen.gather(1, ids).all(-1)
         self._count(
             layer,
@@ -314,28 +324,24 @@ class ReplayController:
             native=(~replayed).sum(),
             disagreed=differs.sum(),  # native rows agree with themselves by construction
         )
-        return Routing(scores.gate_weights(ids), ids)
+        return ids
 
-    def _route_again(
-        self,
-        key: tuple[MicroBatch, int],
-        logits: torch.Tensor,
-        spec: RouterSpec,
-        bias: torch.Tensor | None,
-    ) -> Routing:
+    def _choose_again(
+        self, key: tuple[MicroBatch, int], native: torch.Tensor, num_experts: int
+    ) -> torch.Tensor:
         """Recompute of a key already routed in this context: the same ids as before."""
         decided = self._decided.get(key)
         if decided is None:  # replay with every row replayed: the trace is the record
-            ids = self._target(key[0], key[1], logits, spec)
+            ids = self._target(key[0], key[1], native, num_experts)
             assert ids is not None  # a missing target was decided natively and kept
         else:
-            ids = decided.to(logits.device).long()
-        _check_tokens(ids.shape[0], logits, key)
-        self._count(key[1], recomputed=logits.shape[0])
-        return Routing(gate_weights(logits, ids, spec), ids)
+            ids = decided.to(native.device).long()
+        _check_tokens(ids.shape[0], native.shape[0], key)
+        self._count(key[1], recomputed=native.shape[0])
+        return ids
 
     def _target(
-        self, micro_batch: MicroBatch, layer: int, logits: torch.Tensor, spec: RouterSpec
+        self, micro_batch: MicroBatch, layer: int, native: torch.Tensor, num_experts: int
     ) -> torch.Tensor | None:
         """`[tokens, top_k]` int64 ids for (micro_batch, layer), or None (non-strict, absent)."""
         trace = self._routes.get(micro_batch)
@@ -356,14 +362,14 @@ class ReplayController:
                 "missing layers natively on purpose."
             )
         experts = trace.layer_experts(layer).reshape(-1, trace.top_k)
-        _check_tokens(experts.shape[0], logits, (micro_batch, layer), trace)
-        if logits.shape[-1] != trace.num_experts or spec.top_k != trace.top_k:
+        _check_tokens(experts.shape[0], native.shape[0], (micro_batch, layer), trace)
+        if num_experts != trace.num_experts or native.shape[-1] != trace.top_k:
             raise ReplayError(
                 f"Layer {layer}, micro-batch {micro_batch!r}: the router has "
-                f"{logits.shape[-1]} experts and top_k={spec.top_k}; the trace has "
+                f"{num_experts} experts and top_k={native.shape[-1]}; the trace has "
                 f"{trace.num_experts} experts and top_k={trace.top_k}."
             )
-        return experts.to(logits.device, non_blocking=True).long()
+        return experts.to(native.device, non_blocking=True).long()
 
     def _count(
         self,
@@ -382,15 +388,15 @@ class ReplayController:
 
 def _check_tokens(
     rows: int,
-    logits: torch.Tensor,
+    tokens: int,
     key: tuple[MicroBatch, int],
     trace: RoutingTrace | None = None,
 ) -> None:
-    if rows != logits.shape[0]:
+    if rows != tokens:
         micro_batch, layer = key
         shape = f" (token axes {list(trace.leading_shape)})" if trace is not None else ""
         raise ReplayError(
-            f"Layer {layer}, micro-batch {micro_batch!r}: the router sees {logits.shape[0]} "
+            f"Layer {layer}, micro-batch {micro_batch!r}: the router sees {tokens} "
             f"tokens but the routes hold {rows} rows{shape}. Align the trace to the "
             "trainer's batch (padding, packing, micro-batch split) before replay."
         )
