@@ -1,0 +1,222 @@
+"""Aligning a rollout batch's routes to a Megatron THD layout: plans vs a per-sequence loop.
+
+Workload (Qwen3-30B-A3B shape): ~1M tokens, 48 routed layers, top-8 of 128 experts, int8
+ids as RoutingTrace stores them. Each sequence is padded to a multiple of 2 * cp * tp,
+sequences are grouped into token-balanced micro-batches, split over CP=2 ranks (zigzag)
+and cut into the routed layers of PP=4 stages. Two batches by default: ~1000 sequences
+of 256..1792 tokens (the target shape) and ~16000 of 16..112 (short sequences, where
+per-sequence overhead rather than memory bandwidth sets the pace). Side by side in one
+run, same inputs, outputs asserted equal:
+
+  plans, from traces   routereplay.align: concat the per-sequence traces, plan_thd, one
+                       row gather per (micro-batch, cp rank), stage slices as views
+  plans, from batch    the same when the batch's trace is already one tensor (collated
+                       by the data loader, or read from a trace file)
+  per-sequence loop    plain Python: for each micro-batch, pad each sequence with a cat,
+                       chunk it, cat rank pieces, slice stages (written below)
+  plans, restore       the inverse (R2): every rank's routes back to the batch's trace
+  plan_thd alone       building the index plans, included in both "plans" cases above
+
+The micro-batch grouping is computed once (balanced_micro_batches) and given to the loop,
+so the loop is timed on data movement only. Throughput counts the batch's routed id bytes
+(tokens x layers x top_k x 1 byte). Ratios are what to read; absolute numbers depend on
+the (shared) machine's memory bandwidth.
+
+    python benchmarks/bench_align.py [--sequences N --min-len A --max-len B] [--cp 2]
+                                     [--tp 1] [--pp 4] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from routereplay import MoELayout, RoutingTrace
+from routereplay.align import (
+    ThdPlan,
+    balanced_micro_batches,
+    concat_traces,
+    padded_lengths,
+    plan_thd,
+    split_traces,
+    stage_slice,
+)
+
+ROUNDS = 5
+# (name, sequences, shortest, longest): each about 1M tokens.
+BATCHES = [("long sequences", 1000, 256, 1792), ("short sequences", 16000, 16, 112)]
+Key = tuple[int, int, int]  # (micro-batch, cp rank * tp + tp rank, pipeline stage)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Route alignment throughput.")
+    parser.add_argument("--sequences", type=int, help="one custom batch instead of the two")
+    parser.add_argument("--min-len", type=int, default=256)
+    parser.add_argument("--max-len", type=int, default=1792)
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--cp", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=1, help="sequence-parallel size")
+    parser.add_argument("--pp", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=65536, help="micro-batch budget")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # steadier on a shared 2-core machine; both sides alike
+    batches = BATCHES
+    if args.sequences is not None:
+        batches = [("custom", args.sequences, args.min_len, args.max_len)]
+    reports = [run(args, *batch) for batch in batches]
+    if args.json:
+        print(json.dumps(reports, indent=2))
+        return
+    for report in reports:
+        shape = report["shape"]
+        print(
+            f"{report['name']}: {shape['tokens']:,} tokens in {shape['sequences']} sequences, "
+            f"{shape['layers']} layers, top-{shape['top_k']} int8 ({shape['id_bytes'] / 1e6:.0f} "
+            f"MB of ids) -> {shape['micro_batches']} micro-batches x CP={shape['cp']} zigzag x "
+            f"SP={shape['tp']} x PP={shape['pp']}, each sequence padded to a multiple of "
+            f"{shape['pad_multiple']}"
+        )
+        print(f"  {'case':<20} {'median ms':>10} {'GB/s':>7}")
+        for name, seconds in report["seconds"].items():
+            print(f"  {name:<20} {seconds * 1e3:10.1f} {report['gb_per_s'][name]:7.2f}")
+        for name, ratio in report["ratios"].items():
+            print(f"  {name:<30} {ratio:5.2f}x")
+        print()
+
+
+def run(args: argparse.Namespace, name: str, sequences: int, shortest: int, longest: int) -> Any:
+    layout = MoELayout.from_dense_pattern([1] * args.layers, args.experts, args.top_k)
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(shortest, longest + 1, (sequences,), generator=generator)
+    batch = random_trace(int(lengths.sum()), layout, generator)
+    # One trace per rollout sequence, each in its own memory as engines decode them
+    # (select_layers copies, without re-validating what was validated above).
+    traces = [trace.select_layers(trace.layers) for trace in split_traces(batch, lengths)]
+    multiple = 2 * args.cp * args.tp
+    groups = balanced_micro_batches(padded_lengths(lengths, multiple), args.max_tokens)
+    stages = [layout.stage_moe_layers(pp_size=args.pp, pp_rank=rank) for rank in range(args.pp)]
+
+    def plan() -> ThdPlan:
+        return plan_thd(lengths, groups, multiple=multiple, cp_size=args.cp, sp_size=args.tp)
+
+    def plans_from(flat: RoutingTrace) -> dict[Key, torch.Tensor]:
+        out = {}
+        for piece, on_rank in plan().apply_trace(flat).items():
+            rank = piece.cp_rank * args.tp + piece.tp_rank
+            for stage in range(args.pp):
+                out[piece.micro_batch, rank, stage] = stage_slice(
+                    on_rank, layout, args.pp, stage
+                ).experts
+        return out
+
+    thd = plan()
+    on_ranks = thd.apply_trace(batch)
+    slots = [(layers[0], layers[-1] + 1) for layers in stages]
+    group_lists = [group.tolist() for group in groups.groups]
+    cases: dict[str, Callable[[], object]] = {
+        "plans, from traces": lambda: plans_from(concat_traces(traces)[0]),
+        "plans, from batch": lambda: plans_from(batch),
+        "per-sequence loop": lambda: per_sequence(
+            traces, group_lists, multiple, args.cp, args.tp, slots
+        ),
+        "plans, restore": lambda: thd.restore_trace(on_ranks),
+        "plan_thd alone": plan,
+    }
+    reference = per_sequence(traces, group_lists, multiple, args.cp, args.tp, slots)
+    check_equal(plans_from(concat_traces(traces)[0]), reference, "plans, from traces")
+    check_equal(plans_from(batch), reference, "plans, from batch")
+    if not thd.restore_trace(on_ranks).equal(batch):
+        raise SystemExit("plans, restore: the batch's trace did not come back")
+    del reference
+
+    # Interleave rounds so that machine noise hits every case alike; keep the medians.
+    samples: dict[str, list[float]] = {case: [] for case in cases}
+    for _ in range(args.rounds):
+        for case, body in cases.items():
+            start = time.perf_counter()
+            body()
+            samples[case].append(time.perf_counter() - start)
+    median = {case: sorted(v)[len(v) // 2] for case, v in samples.items()}
+    id_bytes = batch.experts.numel() * batch.experts.element_size()
+    loop = median["per-sequence loop"]
+    return {
+        "name": name,
+        "shape": {
+            "sequences": sequences,
+            "tokens": int(lengths.sum()),
+            "layers": args.layers,
+            "top_k": args.top_k,
+            "experts": args.experts,
+            "cp": args.cp,
+            "tp": args.tp,
+            "pp": args.pp,
+            "micro_batches": len(groups),
+            "pad_multiple": multiple,
+            "id_bytes": id_bytes,
+        },
+        "seconds": median,
+        "gb_per_s": {case: id_bytes / seconds / 1e9 for case, seconds in median.items()},
+        "ratios": {
+            "loop / plans, from traces": loop / median["plans, from traces"],
+            "loop / plans, from batch": loop / median["plans, from batch"],
+        },
+    }
+
+
+def random_trace(tokens: int, layout: MoELayout, generator: torch.Generator) -> RoutingTrace:
+    """Valid routes `[tokens, layers, top_k]`: a random first id, then a fixed stride."""
+    shape = (tokens, len(layout.moe_layers), 1)
+    first = torch.randint(0, layout.num_experts, shape, generator=generator, dtype=torch.int16)
+    stride = layout.num_experts // layout.top_k
+    experts = (first + torch.arange(layout.top_k, dtype=torch.int16) * stride) % layout.num_experts
+    return RoutingTrace(experts, layout.moe_layers, layout.num_experts, source="bench")
+
+
+def per_sequence(
+    traces: Sequence[RoutingTrace],
+    groups: list[list[int]],
+    multiple: int,
+    cp: int,
+    tp: int,
+    stage_slots: list[tuple[int, int]],
+) -> dict[Key, torch.Tensor]:
+    """The plain version: loop over sequences, slice and concatenate."""
+    out = {}
+    for micro_batch, group in enumerate(groups):
+        padded = []
+        for index in group:
+            experts = traces[index].experts
+            pad = -experts.shape[0] % multiple
+            filler = experts.new_full((pad, *experts.shape[1:]), -1)
+            padded.append(torch.cat([experts, filler]))
+        for cp_rank in range(cp):
+            pieces = []
+            for experts in padded:
+                chunks = experts.chunk(2 * cp)
+                pieces += [chunks[cp_rank], chunks[2 * cp - 1 - cp_rank]]
+            rank = torch.cat(pieces)
+            for tp_rank, part in enumerate(rank.chunk(tp)):
+                for stage, (first, end) in enumerate(stage_slots):
+                    out[micro_batch, cp_rank * tp + tp_rank, stage] = part[:, first:end]
+    return out
+
+
+def check_equal(got: dict[Key, torch.Tensor], want: dict[Key, torch.Tensor], name: str) -> None:
+    if got.keys() != want.keys():
+        raise SystemExit(f"{name}: pieces {sorted(got)[:4]} differ from {sorted(want)[:4]}")
+    for key, experts in want.items():
+        if not torch.equal(got[key], experts):
+            raise SystemExit(f"{name}: piece {key} differs from the per-sequence loop")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""`TokenPlan`: where every token of a trainer layout comes from, as one index tensor.
+
+Every alignment (padding, packing, micro-batches, CP and SP splits) is a map from a
+*source* token axis (sequences laid end to end) to an *output* token axis. A plan holds
+that map as `source [tokens]`: for each output position, the index of the source token
+it holds, or -1 where the output is padding. Applying a plan is one row gather, so token
+ids `[tokens]`, labels and trace experts `[tokens, layers, top_k]` put through the same
+plan stay side by side. Plans compose (`then`), and a set of plans that covers every
+source token once can be undone (`restore`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from routereplay.errors import LayoutError, TraceError
+from routereplay.trace import RoutingTrace
+
+Lengths = torch.Tensor | np.ndarray[Any, Any] | Sequence[int]
+
+PAD = -1
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, eq=False)
+class TokenPlan:
+    """The output token axis of one layout piece and where each of its tokens comes from.
+
+    source:     int64 `[tokens]`: index on the source token axis of the token at each
+                output position, -1 where the output is padding.
+    lengths:    int64 `[sequences]`: the output axis is these sequences (or batch rows,
+                or sequence pieces) laid end to end; they sum to `tokens`.
+    num_source: how many tokens the source axis holds.
+    shape:      the output token axes, `(tokens,)` or `(batch, seq)`; `apply` returns them.
+    """
+
+    source: torch.Tensor
+    lengths: torch.Tensor
+    num_source: int
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.source.dtype != torch.int64 or self.source.ndim != 1:
+            raise TraceError(
+                f"A plan's source is int64 [tokens], found {self.source.dtype} "
+                f"{tuple(self.source.shape)}."
+            )
+        tokens = self.source.numel()
+        if int(np.prod(self.shape)) != tokens or int(self.lengths.sum()) != tokens:
+            raise TraceError(
+                f"A plan of {tokens} tokens has shape {self.shape} and lengths summing to "
+                f"{int(self.lengths.sum())}: all three must agree."
+            )
+        if tokens:
+            low, high = (int(v) for v in torch.aminmax(self.source))
+            if low < PAD or high >= self.num_source:
+                raise TraceError(
+                    f"A plan's source indices must lie in [-1, {self.num_source}), found "
+                    f"[{low}, {high}]."
+                )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.source.numel()
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 `[sequences + 1]`: `[0, l0, l0 + l1, ...]` of `lengths` (padding included),
+        the Megatron / flash-attention convention (`cu_seqlens_padded` for THD)."""
+        return _cumulative(self.lengths)
+
+    @functools.cached_property
+    def valid_lengths(self) -> torch.Tensor:
+        """int64 `[sequences]`: real (non-padding) tokens in each output sequence."""
+        valid = torch.cat([torch.zeros(1, dtype=torch.int64), (self.source >= 0).cumsum(0)])
+        ends = self.lengths.cumsum(0)
+        return valid[ends] - valid[ends - self.lengths]
+
+    @functools.cached_property
+    def _gather_index(self) -> torch.Tensor:
+        return self.source.clamp(min=0)
+
+    @functools.cached_property
+    def _padding(self) -> torch.Tensor:
+        return (self.source < 0).nonzero().flatten()
+
+    @functools.cached_property
+    def _scatter_index(self) -> torch.Tensor:
+        # Padding rows go to one spare row past the end, dropped after the scatter.
+        return torch.where(self.source >= 0, self.source, self.num_source)
+
+    def apply(self, values: torch.Tensor, pad: int | float | bool = PAD) -> torch.Tensor:
+        """`values [num_source, *rest]` -> `[*shape, *rest]`, padding positions set to `pad`.
+
+        Works for any per-token tensor: token ids `[tokens]`, position ids, trace experts
+        `[tokens, layers, top_k]` (or a narrowed view of them). Rows are moved as whole
+        machine words, whatever the dtype.
+        """
+        if values.ndim < 1 or values.shape[0] != self.num_source:
+            raise TraceError(
+                f"This plan reads a source axis of {self.num_source} tokens; the values have "
+                f"shape {tuple(values.shape)} (tokens first)."
+            )
+        rest = tuple(values.shape[1:])
+        if self.num_source == 0:  # nothing to read: every output position is padding
+            return values.new_full((*self.shape, *rest), pad)
+        index = self._gather_index.to(values.device)
+        words = _as_words(values, _word_dtype(values))
+        out = words.index_select(0, index).view(values.dtype).reshape(self.num_tokens, *rest)
+        if self._padding.numel():
+            out.index_fill_(0, self._padding.to(values.device), pad)
+        return out.reshape(*self.shape, *rest)
+
+    def apply_trace(self, trace: RoutingTrace) -> RoutingTrace:
+        """`trace [*source token axes, layers, top_k]` (tokens `num_source` in all) ->
+        `[*shape, layers, top_k]`, padding rows -1 (no route)."""
+        if trace.num_rows != self.num_source:
+            raise TraceError(
+                f"This plan reads a source axis of {self.num_source} tokens; the "
+                f"{trace.source} trace has {trace.num_rows} "
+                f"(token axes {list(trace.leading_shape)})."
+            )
+        rows = trace.experts.reshape(self.num_source, *trace.experts.shape[-2:])
+        return derived(trace, self.apply(rows, PAD), trace.layers)
+
+    def then(self, inner: TokenPlan) -> TokenPlan:
+        """The plan that applies `self`, then `inner` (whose source axis is `self`'s output)."""
+        if inner.num_source != self.num_tokens:
+            raise TraceError(
+                f"Cannot chain plans: the first writes {self.num_tokens} tokens, the second "
+                f"reads {inner.num_source}."
+            )
+        picked = self.source[inner._gather_index]
+        source = torch.where(inner.source >= 0, picked, PAD)
+        return TokenPlan(source, inner.lengths, self.num_source, inner.shape)
+
+
+def restore(
+    pieces: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
+    plans: Mapping[Any, TokenPlan] | Sequence[TokenPlan],
+) -> torch.Tensor:
+    """Undo a set of plans: per-piece tensors back on the source token axis.
+
+    pieces: `[*plan.shape, *rest]` (or `[plan.num_tokens, *rest]`) for each plan, matched
+            by key (mappings) or position (sequences).
+    plans:  plans over one source axis that together hold every source token exactly
+            once (padding is dropped).
+    Returns `[num_source, *rest]`.
+    """
+    named = _match(pieces, plans)
+    if not named:
+        raise TraceError("Nothing to restore: no pieces were given.")
+    num_source = named[0][2].num_source
+    check_partition({name: plan for name, _, plan in named})
+    flat: list[tuple[str, torch.Tensor, TokenPlan]] = []
+    for name, piece, plan in named:
+        lead = piece.shape[: len(plan.shape)]
+        if tuple(lead) == plan.shape:
+            piece = piece.reshape(plan.num_tokens, *piece.shape[len(plan.shape) :])
+        elif piece.ndim < 1 or piece.shape[0] != plan.num_tokens:
+            raise TraceError(
+                f"{name} has shape {tuple(piece.shape)}; its plan writes {plan.num_tokens} "
+                f"tokens as {plan.shape}."
+            )
+        flat.append((name, piece, plan))
+    rest = tuple(flat[0][1].shape[1:])
+    dtype = flat[0][1].dtype
+    for name, piece, _ in flat:
+        if tuple(piece.shape[1:]) != rest or piece.dtype != dtype:
+            raise TraceError(
+                f"{name} holds {piece.dtype} rows of shape {tuple(piece.shape[1:])}; "
+                f"{flat[0][0]} holds {dtype} rows of shape {rest}: pieces must agree."
+            )
+    out = torch.empty((num_source + 1, *rest), dtype=dtype, device=flat[0][1].device)
+    word = _word_dtype(out)
+    out_words = _as_words(out, word)
+    for _, piece, plan in flat:
+        index = plan._scatter_index.to(out.device)
+        out_words.index_copy_(0, index, _as_words(piece.to(out.device), word))
+    return out[:num_source]
+
+
+def check_partition(plans: Mapping[Any, TokenPlan]) -> None:
+    """Raise unless the plans read one source axis and hold each source token exactly once."""
+    names = list(plans)
+    num_source = plans[names[0]].num_source
+    for name in names:
+        if plans[name].num_source != num_source:
+            raise TraceError(
+                f"{_name(name)} reads {plans[name].num_source} source tokens, "
+                f"{_name(names[0])} reads {num_source}: the plans are not one layout."
+            )
+    sources = torch.cat([plan.source[plan.source >= 0] for plan in plans.values()])
+    counts = torch.bincount(sources, minlength=num_source)
+    missing = (counts == 0).nonzero()
+    if missing.numel():
+        raise TraceError(
+            f"Source token {int(missing[0])} (of {num_source}) is held by no piece: a piece "
+            f"is missing or the plans are not one layout ({len(names)} pieces given)."
+        )
+    twice = (counts > 1).nonzero()
+    if twice.numel():
+        token = int(twice[0])
+        holders = [_name(n) for n in names if bool((plans[n].source == token).any())]
+        raise TraceError(
+            f"Source token {token} is held by {int(counts[token])} pieces "
+            f"({', '.join(holders[:3])}): a piece was given twice or the plans overlap."
+        )
+
+
+def restore_trace(
+    pieces: Mapping[Any, RoutingTrace] | Sequence[RoutingTrace],
+    plans: Mapping[Any, TokenPlan] | Sequence[TokenPlan],
+) -> RoutingTrace:
+    """`restore` for traces: per-piece traces `[*plan.shape, layers, top_k]` back to one
+    trace `[num_source, layers, top_k]`. Every piece must cover the same layers."""
+    named = _match(pieces, plans)
+    if not named:
+        raise TraceError("Nothing to restore: no pieces were given.")
+    first_name, first = named[0][0], named[0][1]
+    for name, trace, _ in named:
+        if trace.layers != first.layers or trace.num_experts != first.num_experts:
+            raise TraceError(
+                f"{name} covers layers {list(trace.layers)[:8]} of {trace.num_experts} experts; "
+                f"{first_name} covers {list(first.layers)[:8]} of {first.num_experts}: restore "
+                "one layer slice at a time (or stack_stages first)."
+            )
+    experts = [trace.experts for _, trace, _ in named]
+    keyed: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor]
+    keyed = dict(zip(plans, experts, strict=True)) if isinstance(plans, Mapping) else experts
+    return derived(first, restore(keyed, plans), first.layers)
+
+
+def derived(trace: RoutingTrace, experts: torch.Tensor, layers: tuple[int, ...]) -> RoutingTrace:
+    """A trace of `trace`'s experts count and source over new `experts`, unchecked: rows
+    moved from a valid trace, and -1 rows, are valid by construction."""
+    return trace._derived(experts, layers)
+
+
+# -- index arithmetic ---------------------------------------------------------------------
+
+
+def as_lengths(lengths: Lengths, what: str = "lengths") -> torch.Tensor:
+    """int64 `[sequences]` from a tensor, array or list; every entry non-negative."""
+    if isinstance(lengths, torch.Tensor):
+        tensor = lengths
+    else:
+        array = np.asarray(lengths)
+        tensor = torch.as_tensor(array if array.size else array.astype(np.int64))
+    if tensor.ndim != 1 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise TraceError(
+            f"{what} must be a 1-D integer sequence, found {tensor.dtype} {tuple(tensor.shape)}."
+        )
+    tensor = tensor.to(device="cpu", dtype=torch.int64)
+    negative = (tensor < 0).nonzero()
+    if negative.numel():
+        index = int(negative[0])
+        raise TraceError(f"Sequence {index} has length {int(tensor[index])}; {what} are >= 0.")
+    return tensor
+
+
+def check_size(size: int, name: str) -> None:
+    """Parallel sizes are at least 1."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise LayoutError(f"{name} must be an integer >= 1, found {size!r}.")
+
+
+def starts(lengths: torch.Tensor) -> torch.Tensor:
+    """int64 `[sequences]`: where each sequence begins when laid end to end."""
+    return lengths.cumsum(0) - lengths
+
+
+def ragged_positions(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sequences laid end to end: (sequence of each token, offset inside it), int64
+    `[tokens]` each."""
+    total = int(lengths.sum())
+    sequence = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=total)
+    offset = torch.arange(total) - starts(lengths)[sequence]
+    return sequence, offset
+
+
+def ragged_arange(begin: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """int64 `[counts.sum()]`: `arange(begin[i], begin[i] + counts[i])` for each i, joined."""
+    total = int(counts.sum())
+    shift = torch.repeat_interleave(begin - starts(counts), counts, output_size=total)
+    return torch.arange(total) + shift
+
+
+def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+    out[1:] = lengths.cumsum(0)
+    return out
+
+
+# -- row movement -------------------------------------------------------------------------
+
+
+def _word_dtype(values: torch.Tensor) -> torch.dtype:
+    """The widest integer type whose size divides one row of `values [n, *rest]`."""
+    row_bytes = values.element_size() * int(np.prod(values.shape[1:]))
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if row_bytes % size == 0:
+            return dtype
+    return torch.uint8
+
+
+def _as_words(values: torch.Tensor, word: torch.dtype) -> torch.Tensor:
+    """`values [n, *rest]` as `[n, row_bytes / word size]` of `word`: a view where the
+    strides allow it (a contiguous tensor, or a layer-range view of one), else a copy."""
+    rows = values.reshape(values.shape[0], int(np.prod(values.shape[1:])))
+    if rows.dtype == torch.bool:
+        rows = rows.view(torch.uint8)
+    try:
+        return rows.view(torch.uint8).view(word)
+    except RuntimeError:
+        return rows.clone().view(torch.uint8).view(word)
+
+
+def _match(
+    pieces: Mapping[Any, T] | Sequence[T],
+    plans: Mapping[Any, TokenPlan] | Sequence[TokenPlan],
+) -> list[tuple[str, T, TokenPlan]]:
+    if isinstance(plans, Mapping) != isinstance(pieces, Mapping):
+        raise TraceError("Give pieces and plans both as mappings (same keys) or both as lists.")
+    if isinstance(plans, Mapping) and isinstance(pieces, Mapping):
+        missing = [key for key in plans if key not in pieces]
+        extra = [key for key in pieces if key not in plans]
+        if missing or extra:
+            raise TraceError(
+                f"Pieces and plans must have the same keys: no piece for {missing[:3]}, "
+                f"no plan for {extra[:3]}."
+            )
+        return [(_name(key), pieces[key], plan) for key, plan in plans.items()]
+    assert not isinstance(plans, Mapping) and not isinstance(pieces, Mapping)
+    if len(pieces) != len(plans):
+        raise TraceError(f"{len(pieces)} pieces were given for {len(plans)} plans.")
+    return [
+        (f"Piece {i}", piece, plan)
+        for i, (piece, plan) in enumerate(zip(pieces, plans, strict=True))
+    ]
+
+
+def _name(key: Any) -> str:
+    return f"Piece {key}" if isinstance(key, int) else str(key)

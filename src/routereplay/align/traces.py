@@ -1,0 +1,218 @@
+"""Per-sequence traces in and out of the trainer's layouts, and pipeline-stage layer slices.
+
+Rollouts give one trace `[tokens_i, layers, top_k]` per sequence. `concat_traces` lays
+them end to end (the source axis of every plan), `split_traces` cuts them apart again.
+The padding and packing helpers are that plus one plan; stage slices cut the layer axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from routereplay.align.layouts import pack_plan, pad_plan
+from routereplay.align.plan import Lengths, TokenPlan, as_lengths, derived, restore
+from routereplay.errors import TraceError
+from routereplay.errors import short_ids as _short
+from routereplay.layout import MoELayout
+from routereplay.trace import RoutingTrace
+
+
+def concat_traces(
+    traces: Sequence[RoutingTrace], lengths: Lengths | None = None
+) -> tuple[RoutingTrace, torch.Tensor]:
+    """Per-sequence traces `[tokens_i, layers, top_k]` -> (`[sum tokens_i, layers, top_k]`,
+    int64 lengths `[sequences]`). All must cover the same layers, top_k and expert count;
+    `lengths`, when given, must match the traces' token counts."""
+    if not traces:
+        raise TraceError("No traces were given: a batch needs at least one sequence.")
+    first = traces[0]
+    for index, trace in enumerate(traces):
+        if len(trace.leading_shape) != 1:
+            raise TraceError(
+                f"Sequence {index}'s trace has token axes {list(trace.leading_shape)}; a "
+                "per-sequence trace is [tokens, layers, top_k]."
+            )
+        if (trace.layers, trace.top_k, trace.num_experts) != (
+            first.layers,
+            first.top_k,
+            first.num_experts,
+        ):
+            raise TraceError(
+                f"Sequence {index}'s trace covers layers {_short(trace.layers)} with top_k="
+                f"{trace.top_k} of {trace.num_experts} experts; sequence 0's covers "
+                f"{_short(first.layers)} with top_k={first.top_k} of {first.num_experts}. "
+                "Convert every trace to the same layers first (RoutingTrace.select_layers)."
+            )
+    found = torch.tensor([trace.experts.shape[0] for trace in traces], dtype=torch.int64)
+    if lengths is not None:
+        _check_lengths(as_lengths(lengths), found)
+    experts = torch.cat([trace.experts for trace in traces])
+    return derived(first, experts, first.layers), found
+
+
+def split_traces(trace: RoutingTrace, lengths: Lengths) -> list[RoutingTrace]:
+    """`[sum(lengths), layers, top_k]` -> one trace `[lengths[i], layers, top_k]` per
+    sequence (views, no copy)."""
+    lengths = as_lengths(lengths)
+    if int(lengths.sum()) != trace.num_rows:
+        raise TraceError(
+            f"The lengths sum to {int(lengths.sum())} tokens; the {trace.source} trace has "
+            f"{trace.num_rows} (token axes {list(trace.leading_shape)})."
+        )
+    rows = trace.experts.reshape(trace.num_rows, *trace.experts.shape[-2:])
+    return [derived(trace, part, trace.layers) for part in torch.split(rows, lengths.tolist())]
+
+
+def pad_traces(
+    traces: Sequence[RoutingTrace],
+    seq_len: int | None = None,
+    *,
+    side: Literal["right", "left"] = "right",
+) -> RoutingTrace:
+    """Per-sequence traces -> a padded batch `[batch, seq_len, layers, top_k]`, -1 rows
+    for padding (see `pad_plan`)."""
+    flat, lengths = concat_traces(traces)
+    return pad_plan(lengths, seq_len, side=side).apply_trace(flat)
+
+
+def unpad_traces(
+    batch: RoutingTrace, lengths: Lengths, *, side: Literal["right", "left"] = "right"
+) -> list[RoutingTrace]:
+    """A padded batch `[batch, seq, layers, top_k]` -> per-sequence traces
+    `[lengths[i], layers, top_k]`, dropping the padding rows on `side`."""
+    lengths = as_lengths(lengths)
+    if len(batch.leading_shape) != 2:
+        raise TraceError(
+            f"A padded batch trace is [batch, seq, layers, top_k]; this one has token axes "
+            f"{list(batch.leading_shape)}."
+        )
+    rows, seq_len = batch.leading_shape
+    if lengths.numel() != rows:
+        raise TraceError(f"The batch has {rows} rows; {lengths.numel()} lengths were given.")
+    _check_fits(lengths, seq_len)
+    plan = pad_plan(lengths, seq_len, side=side)
+    return split_traces(derived(batch, restore([batch.experts], [plan]), batch.layers), lengths)
+
+
+def pack_traces(
+    traces: Sequence[RoutingTrace], multiple: int = 1
+) -> tuple[RoutingTrace, TokenPlan]:
+    """Per-sequence traces -> THD packed `[sum(padded lengths), layers, top_k]` and its plan
+    (`plan.cu_seqlens`: int32 padded boundaries; apply it to token ids alike)."""
+    flat, lengths = concat_traces(traces)
+    plan = pack_plan(lengths, multiple)
+    return plan.apply_trace(flat), plan
+
+
+def unpack_traces(packed: RoutingTrace, lengths: Lengths, multiple: int = 1) -> list[RoutingTrace]:
+    """THD packed `[sum(padded lengths), layers, top_k]` -> per-sequence traces, given the
+    unpadded `lengths` and the `multiple` the packing padded to."""
+    plan = pack_plan(lengths, multiple)
+    if packed.num_rows != plan.num_tokens:
+        raise TraceError(
+            f"Packing these lengths to multiples of {multiple} gives {plan.num_tokens} tokens; "
+            f"the packed trace has {packed.num_rows}: the lengths or the multiple differ "
+            "from the packing's."
+        )
+    rows = packed.experts.reshape(plan.num_tokens, *packed.experts.shape[-2:])
+    flat = derived(packed, restore([rows], [plan]), packed.layers)
+    return split_traces(flat, plan.valid_lengths)
+
+
+def stage_slice(
+    trace: RoutingTrace,
+    layout: MoELayout,
+    pp_size: int,
+    pp_rank: int,
+    vp_size: int = 1,
+    vp_stage: int = 0,
+    **split: Any,
+) -> RoutingTrace:
+    """`[..., layers, top_k]` -> `[..., stage layers, top_k]`: the routed layers that
+    (pp_rank, vp_stage) builds (`MoELayout.stage_moe_layers`, same arguments). A view when
+    those layers sit side by side on the trace's layer axis; a stage of dense layers only
+    gets an empty layer axis."""
+    layers = layout.stage_moe_layers(pp_size, pp_rank, vp_size, vp_stage, **split)
+    missing = [layer for layer in layers if layer not in trace.layers]
+    if missing:
+        raise TraceError(
+            f"Pipeline stage (pp_rank={pp_rank}, vp_stage={vp_stage}) routes layers "
+            f"{_short(layers)}; the {trace.source} trace covers {_short(trace.layers)}, missing "
+            f"{_short(missing)}."
+        )
+    if not layers:
+        return derived(trace, trace.experts[..., :0, :], ())
+    first = trace.slot(layers[0])
+    if trace.layers[first : first + len(layers)] == layers:
+        return derived(trace, trace.experts[..., first : first + len(layers), :], layers)
+    return trace.select_layers(layers)
+
+
+def stack_stages(stages: Sequence[RoutingTrace], layout: MoELayout | None = None) -> RoutingTrace:
+    """Stage slices `[..., stage layers, top_k]` -> one trace over all their layers, in
+    layer order. With `layout`, the slices must cover exactly its routed layers."""
+    if not stages:
+        raise TraceError("No stage slices were given.")
+    first = stages[0]
+    owner: dict[int, int] = {}
+    for index, stage in enumerate(stages):
+        if (stage.leading_shape, stage.top_k, stage.num_experts) != (
+            first.leading_shape,
+            first.top_k,
+            first.num_experts,
+        ):
+            raise TraceError(
+                f"Stage slice {index} has token axes {list(stage.leading_shape)}, top_k="
+                f"{stage.top_k}, {stage.num_experts} experts; slice 0 has "
+                f"{list(first.leading_shape)}, top_k={first.top_k}, {first.num_experts}: "
+                "stack slices of one piece of one batch."
+            )
+        for layer in stage.layers:
+            if layer in owner:
+                raise TraceError(
+                    f"Layer {layer} is in stage slices {owner[layer]} and {index}: each "
+                    "routed layer belongs to one stage."
+                )
+            owner[layer] = index
+    layers = tuple(sorted(owner))
+    if layout is not None and layers != layout.moe_layers:
+        missing = [layer for layer in layout.moe_layers if layer not in owner]
+        extra = [layer for layer in layers if not layout.is_moe(layer)] if layers else []
+        raise TraceError(
+            f"The stage slices cover layers {_short(layers)}; the {layout.family} layout "
+            f"routes {_short(layout.moe_layers)} (missing {_short(missing)}, not routed "
+            f"{_short(extra)}): give one slice per pipeline stage."
+        )
+    ordered = sorted((stage for stage in stages if stage.layers), key=lambda t: t.layers[0])
+    if not ordered:
+        return derived(first, first.experts, ())
+    experts = torch.cat([stage.experts for stage in ordered], dim=-2)
+    joined = [layer for stage in ordered for layer in stage.layers]
+    if joined != list(layers):  # slices that interleave (not stage ranges): sort the slots
+        experts = experts[..., sorted(range(len(joined)), key=joined.__getitem__), :]
+    return derived(first, experts, layers)
+
+
+def _check_lengths(lengths: torch.Tensor, found: torch.Tensor) -> None:
+    if lengths.numel() != found.numel():
+        raise TraceError(f"{found.numel()} traces were given with {lengths.numel()} lengths.")
+    wrong = (lengths != found).nonzero()
+    if wrong.numel():
+        index = int(wrong[0])
+        raise TraceError(
+            f"Sequence {index}'s trace has {int(found[index])} tokens; the lengths say "
+            f"{int(lengths[index])}. Traces and lengths must describe the same sequences."
+        )
+
+
+def _check_fits(lengths: torch.Tensor, seq_len: int) -> None:
+    too_long = (lengths > seq_len).nonzero()
+    if too_long.numel():
+        index = int(too_long[0])
+        raise TraceError(
+            f"Sequence {index} has length {int(lengths[index])}, but the batch rows hold "
+            f"{seq_len} tokens: the lengths do not belong to this batch."
+        )
