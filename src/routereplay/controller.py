@@ -63,10 +63,19 @@ class LayerStats:
 class ReplayController:
     """The routing state machine of one model (or one rank's set of model chunks)."""
 
-    def __init__(self, layout: MoELayout, *, strict: bool = True, source: str = "recorded"):
+    def __init__(
+        self,
+        layout: MoELayout,
+        *,
+        strict: bool = True,
+        source: str = "recorded",
+        label: str = "",
+    ):
         self.layout = layout
         self.strict = strict
         self.source = source
+        # Where this controller runs ("pp_rank 1"), prefixed to the errors of replay().
+        self.label = label
         self._mode = Mode.OFF
         self._micro_batch: MicroBatch = DEFAULT_MICRO_BATCH
         self._tokens: Tokens | None = None
@@ -115,7 +124,12 @@ class ReplayController:
         """
         by_batch = dict(routes) if isinstance(routes, Mapping) else {DEFAULT_MICRO_BATCH: routes}
         for micro_batch, trace in by_batch.items():
-            _check_replayable(trace, self.layout, micro_batch)
+            try:
+                _check_replayable(trace, self.layout, micro_batch)
+            except ReplayError as error:
+                if not self.label:
+                    raise
+                raise ReplayError(f"{self.label}: {error}") from error
         previous_strict = self.strict
         if strict is not None:
             self.strict = strict
