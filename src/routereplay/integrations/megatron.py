@@ -11,8 +11,11 @@ the controller for the ids: `topk_routing_with_score_function` calls its
 takes back the ids and their scores gathered from the live, unbiased scores, from
 which it computes the gate weights itself (softmax over the k, sigmoid
 renormalisation, scaling factor). So megatron-core's own math makes the weights, the
-dispatcher gets distinct ids, and the aux loss, z-loss and expert-bias token counts
-(which read `routing_map`) count the routing that ran.
+dispatcher gets the replayed ids (distinct: traces are validated), and the expert-bias
+token counts, which read `routing_map`, count the routing that ran. The load-balancing
+aux losses recompute top-k from the logits (`compute_routing_scores_for_aux_loss`):
+they reflect what the live router would pick, replayed or not, as transformers'
+`aux_loss` does; z-loss reads the logits only.
 
 Micro-batches: megatron-core's schedules run each chunk's micro-batches in order, so
 the k-th forward of a chunk within a record/replay context is micro-batch k. Each
