@@ -3,8 +3,9 @@
 Today: `routereplay layout CONFIG.json` shows which layers route and where each
 pipeline stage's routed layers are; `routereplay import vllm|sglang` turns saved
 engine responses into a trace file; `routereplay inspect FILE` summarises a trace
-file and checks every sequence's checksum. `demo`, `compare` and `bench` arrive with
-the issues that build them; they are not listed until they work.
+file and checks every sequence's checksum; `routereplay compare A B` measures how
+often two trace files of the same tokens route differently. `demo` and `bench` arrive
+with the issues that build them; they are not listed until they work.
 
 Each subcommand is one `_add_<verb>(commands)` that registers its parser and sets
 `run` to a `_run_<verb>(args) -> exit code`; `main` only dispatches.
@@ -19,6 +20,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
 
 from routereplay import __version__
 
@@ -52,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_layout(commands)
     _add_import(commands)
     _add_inspect(commands)
+    _add_compare(commands)
     return parser
 
 
@@ -344,3 +348,83 @@ def _inspect(path: Path) -> dict[str, Any]:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# -- compare ------------------------------------------------------------------------------
+
+
+def _add_compare(commands: Commands) -> None:
+    command = commands.add_parser(
+        "compare",
+        help="how often two trace files of the same tokens route differently",
+        description=(
+            "Compare two trace files sequence by sequence (e.g. the rollout engine's routes "
+            "and the trainer's recorded ones): the share of (token, layer) rows whose expert "
+            "sets differ, the share of tokens differing on any layer, per-layer "
+            "disagreement, mean overlap@k and Jaccard. Rows without a route (-1) in either "
+            "file are left out and counted. Exits 1 when the router-level disagreement "
+            "exceeds --max-disagreement."
+        ),
+    )
+    command.add_argument("a", type=Path, help="a trace file")
+    command.add_argument("b", type=Path, help="a trace file of the same sequences")
+    command.add_argument(
+        "--max-disagreement",
+        type=float,
+        default=None,
+        help="fail (exit 1) above this share of differing (token, layer) rows, e.g. 0.01",
+    )
+    command.add_argument("--json", action="store_true", help="print JSON for machines")
+    command.set_defaults(run=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from routereplay.errors import RouteReplayError, TraceError
+    from routereplay.metrics import routing_agreement
+    from routereplay.store import TraceFile
+    from routereplay.trace import RoutingTrace
+
+    try:
+        with TraceFile(args.a) as a, TraceFile(args.b) as b:
+            if len(a) != len(b):
+                raise TraceError(f"{args.a} holds {len(a)} sequences, {args.b} {len(b)}.")
+            pairs = []
+            for index in _progress(range(len(a)), len(a), "sequences"):
+                first, second = a.trace(index), b.trace(index)
+                if first.leading_shape != second.leading_shape:
+                    raise TraceError(
+                        f"Sequence {index} has {first.num_rows} tokens in {args.a} and "
+                        f"{second.num_rows} in {args.b}: not the same tokens."
+                    )
+                pairs.append((first, second))
+        # One comparison over every token: rows and layers weigh alike across sequences.
+        joined = [
+            RoutingTrace(torch.cat([t.experts for t in side]), side[0].layers, side[0].num_experts)
+            for side in zip(*pairs, strict=True)
+        ]
+        agreement = routing_agreement(*joined)
+    except (OSError, RouteReplayError) as error:
+        return _bad_input("compare", error)
+    report = {"a": str(args.a), "b": str(args.b), "sequences": len(pairs), **agreement.to_dict()}
+    failed = args.max_disagreement is not None and (
+        agreement.router_disagreement > args.max_disagreement
+    )
+    report["max_disagreement"] = args.max_disagreement
+    report["failed"] = failed
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.a} vs {args.b}: {len(pairs)} sequences, {agreement.rows} (token, layer) rows")
+        print(f"  router disagreement: {agreement.router_disagreement:.4%}")
+        print(f"  token disagreement:  {agreement.token_disagreement:.4%}")
+        print(f"  overlap@k {agreement.overlap_at_k:.4f}, Jaccard {agreement.jaccard:.4f}")
+        print(f"  rows without a route in either file: {agreement.skipped}")
+        worst = sorted(agreement.per_layer.items(), key=lambda item: -item[1])[:5]
+        print("  most disagreeing layers: " + ", ".join(f"{k}: {v:.2%}" for k, v in worst))
+        if failed:
+            print(
+                f"routereplay compare: disagreement {agreement.router_disagreement:.4%} is above "
+                f"--max-disagreement {args.max_disagreement:.4%}",
+                file=sys.stderr,
+            )
+    return EXIT_CHECK_FAILED if failed else EXIT_OK
