@@ -415,7 +415,7 @@ def test_cp_needs_sequences_divisible_into_2_cp_chunks() -> None:
 def test_thd_plan_names_the_sequence_whose_padding_does_not_split_over_cp() -> None:
     with pytest.raises(
         LayoutError,
-        match=r"Sequence 1 has 5 tokens, padded to a multiple of 2: 6, not divisible by 2 \* cp_size = 4",
+        match=r"Sequence 1 has 5 tokens, padded to 6, not divisible by 2 \* cp_size = 4",
     ):
         plan_thd([4, 5], cp_size=2, multiple=2)
 

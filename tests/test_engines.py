@@ -456,7 +456,8 @@ def test_sglang_bytes_that_are_not_whole_int32_ids_are_reported() -> None:
 
 def test_sglang_routes_given_as_a_list_are_refused() -> None:
     with pytest.raises(
-        TraceError, match=r"meta_info\['routed_experts'\] is a list; SGLang sends a base64 string"
+        TraceError,
+        match=r"meta_info\['routed_experts'\] is a list; SGLang sends base64 of flattened int32 ids as a string",
     ):
         decode_sglang({"routed_experts": [1, 2, 3]})
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from routereplay.align.layouts import pack_plan, padded_lengths
+from routereplay.align.layouts import check_cp_chunks, pack_plan, padded_lengths
 from routereplay.align.micro_batches import MicroBatches, fixed_micro_batches
 from routereplay.align.plan import (
     PAD,
@@ -108,7 +108,14 @@ def plan_thd(
         micro_batches = fixed_micro_batches(lengths.numel(), max(lengths.numel(), 1))
     zigzag = zigzag and cp_size > 1  # one CP rank takes whole sequences either way
     padded = padded_lengths(lengths, multiple)
-    _check_divisible(lengths, padded, multiple, cp_size, zigzag)
+    check_cp_chunks(
+        padded,
+        cp_size,
+        zigzag,
+        f"The packing pads to multiples of {multiple}; use a multiple of "
+        "sp_size * cp_size * 2 (the default).",
+        padded_from=lengths,
+    )
     begin = starts(lengths)
     num_source = int(lengths.sum())
     pieces: dict[Piece, TokenPlan] = {}
@@ -142,19 +149,3 @@ def plan_thd(
                 rows = torch.tensor([share])
                 pieces[Piece(index, cp_rank, tp_rank)] = TokenPlan(part, rows, num_source, (share,))
     return ThdPlan(micro_batches, lengths, multiple, pieces)
-
-
-def _check_divisible(
-    lengths: torch.Tensor, padded: torch.Tensor, multiple: int, cp_size: int, zigzag: bool
-) -> None:
-    """Every padded sequence must cut into equal context-parallel chunks."""
-    chunks = 2 * cp_size if zigzag else cp_size
-    uneven = (padded % chunks).nonzero()
-    if uneven.numel():
-        index = int(uneven[0])
-        rule = f"2 * cp_size = {chunks} (zigzag)" if zigzag else f"cp_size = {chunks}"
-        raise LayoutError(
-            f"Sequence {index} has {int(lengths[index])} tokens, padded to a multiple of "
-            f"{multiple}: {int(padded[index])}, not divisible by {rule}. Pad to a multiple of "
-            "sp_size * cp_size * 2 (the default)."
-        )

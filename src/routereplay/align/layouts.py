@@ -93,16 +93,13 @@ def context_parallel_plans(
     check_size(cp_size, "cp_size")
     lengths = as_lengths(lengths)
     zigzag = zigzag and cp_size > 1  # one CP rank takes whole sequences either way
-    chunks = 2 * cp_size if zigzag else cp_size
-    uneven = (lengths % chunks).nonzero()
-    if uneven.numel():
-        index = int(uneven[0])
-        rule = f"2 * cp_size = {chunks} (zigzag)" if zigzag else f"cp_size = {chunks}"
-        raise LayoutError(
-            f"Sequence {index} has {int(lengths[index])} tokens, not divisible by {rule}: "
-            f"context parallelism needs equal chunks. Pad every sequence to a multiple of "
-            f"{chunks} first (pack_plan(lengths, multiple=...))."
-        )
+    check_cp_chunks(
+        lengths,
+        cp_size,
+        zigzag,
+        "Pad every sequence to a multiple of the chunk count first "
+        "(pack_plan(lengths, multiple=...)).",
+    )
     return _chunk_plans(lengths, cp_size, zigzag)
 
 
@@ -125,6 +122,28 @@ def sequence_parallel_plans(num_tokens: int, tp_size: int, *, rows: int = 1) -> 
             "tp_size * cp_size * 2 when packing."
         )
     return _chunk_plans(torch.full((rows,), num_tokens // rows), tp_size, zigzag=False)
+
+
+def check_cp_chunks(
+    lengths: torch.Tensor,
+    cp_size: int,
+    zigzag: bool,
+    fix: str,
+    padded_from: torch.Tensor | None = None,
+) -> None:
+    """Every sequence must cut into equal context-parallel chunks (2 * cp_size zigzag)."""
+    chunks = 2 * cp_size if zigzag else cp_size
+    uneven = (lengths % chunks).nonzero()
+    if uneven.numel():
+        index = int(uneven[0])
+        rule = f"2 * cp_size = {chunks} (zigzag)" if zigzag else f"cp_size = {chunks}"
+        found = f"{int(lengths[index])} tokens"
+        if padded_from is not None:
+            found = f"{int(padded_from[index])} tokens, padded to {int(lengths[index])}"
+        raise LayoutError(
+            f"Sequence {index} has {found}, not divisible by {rule}: context parallelism "
+            f"needs equal chunks. {fix}"
+        )
 
 
 def _chunk_plans(lengths: torch.Tensor, ranks: int, zigzag: bool) -> list[TokenPlan]:

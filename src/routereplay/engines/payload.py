@@ -14,6 +14,7 @@ multi-turn rollout into one trace.
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Literal
 
 import numpy as np
@@ -288,3 +289,20 @@ def _sequence_trace(
         return RoutingTrace.from_all_layers(sequence, layout, source)
     except TraceError as error:
         raise TraceError(f"{where}: {error}") from error
+
+
+def decode_base64(payload: Any, field: str, where: str, wire: str) -> bytes:
+    """The bytes of an engine's base64 string field; `wire` says who sends what there
+    (e.g. "SGLang sends base64 of flattened int32 ids"), for the errors."""
+    if not isinstance(payload, str | bytes):
+        raise TraceError(
+            f"{where}: {field} is a {type(payload).__name__}; {wire} as a string. Pass the "
+            "response's JSON value unchanged."
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError as error:
+        raise TraceError(
+            f"{where}: {field} is not valid base64 ({error}); {wire}. Pass the response's "
+            "JSON value unchanged."
+        ) from error

@@ -9,13 +9,12 @@ start are returned). The flat array carries no shape, so the layout gives it one
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from routereplay.engines.payload import SequenceId, _describe, trace_from_rows
+from routereplay.engines.payload import SequenceId, _describe, decode_base64, trace_from_rows
 from routereplay.errors import TraceError
 from routereplay.layout import MoELayout
 from routereplay.trace import RoutingTrace
@@ -65,18 +64,12 @@ def from_meta_info(
 
 def _decode_int32(payload: Any, where: str) -> np.ndarray[Any, np.dtype[np.int32]]:
     """base64 to a flat, read-only int32 array (a view of the decoded bytes)."""
-    if not isinstance(payload, str | bytes):
-        raise TraceError(
-            f"{where}: meta_info['routed_experts'] is a {type(payload).__name__}; SGLang "
-            "sends a base64 string. Pass the response's JSON value unchanged."
-        )
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except ValueError as error:
-        raise TraceError(
-            f"{where}: meta_info['routed_experts'] is not valid base64 ({error}); SGLang "
-            "sends base64 of flattened int32 ids. Pass the response's JSON value unchanged."
-        ) from error
+    raw = decode_base64(
+        payload,
+        "meta_info['routed_experts']",
+        where,
+        "SGLang sends base64 of flattened int32 ids",
+    )
     if len(raw) % 4:
         raise TraceError(
             f"{where}: meta_info['routed_experts'] decodes to {len(raw)} bytes, not a "

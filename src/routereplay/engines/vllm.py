@@ -11,14 +11,13 @@ completion token.
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from routereplay.engines.payload import SequenceId, _describe, trace_from_rows
+from routereplay.engines.payload import SequenceId, _describe, decode_base64, trace_from_rows
 from routereplay.errors import TraceError
 from routereplay.layout import MoELayout
 from routereplay.trace import RoutingTrace
@@ -124,18 +123,7 @@ def _decode_npy(payload: Any, field: str, where: str) -> np.ndarray[Any, Any] | 
     """base64 of `.npy` bytes to an array; the dtype comes from the `.npy` header."""
     if payload is None:
         return None
-    if not isinstance(payload, str | bytes):
-        raise TraceError(
-            f"{where}: {field} is a {type(payload).__name__}; the OpenAI server sends base64 "
-            "of .npy bytes as a string. Pass the response's JSON value unchanged."
-        )
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except ValueError as error:
-        raise TraceError(
-            f"{where}: {field} is not valid base64 ({error}); the OpenAI server sends "
-            "base64 of .npy bytes. Pass the response's JSON value unchanged."
-        ) from error
+    raw = decode_base64(payload, field, where, "the OpenAI server sends base64 of .npy bytes")
     try:
         return np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
     except ValueError as error:
