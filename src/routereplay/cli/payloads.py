@@ -1,0 +1,88 @@
+"""`routereplay import vllm|sglang`: saved engine responses into a checked trace file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from routereplay.cli.common import EXIT_OK, bad_input, progress
+
+if TYPE_CHECKING:
+    from routereplay.cli.common import Commands
+
+
+def add(commands: Commands) -> None:
+    from routereplay.engines.responses import ENGINES
+
+    command = commands.add_parser(
+        "import",
+        help="turn saved vLLM or SGLang responses (JSON lines) into a trace file",
+        description=(
+            "Read engine responses saved one JSON object per line, with their token ids, "
+            "check every sequence's routes against the model's layout (row count, layer "
+            "count, top_k, id range, dense layers, broken captures) and write them to a "
+            "trace file for the trainer. vllm: an OpenAI-compatible response with "
+            "prompt_token_ids and per-choice token_ids and routed_experts (one sequence per "
+            "choice), or one flat completion. sglang: a /generate response with the "
+            "request's input_ids merged in, or a JSON list of them."
+        ),
+    )
+    command.add_argument("engine", choices=ENGINES, help="the engine that wrote the responses")
+    command.add_argument("payloads", type=Path, help="responses, one JSON object per line")
+    command.add_argument(
+        "--config", type=Path, required=True, help="the served model's config.json"
+    )
+    command.add_argument("-o", "--output", type=Path, required=True, help="trace file to write")
+    command.add_argument(
+        "--encoding",
+        choices=("compact", "packed"),
+        default="compact",
+        help="compact: 1-2 bytes per id; packed: ceil(log2 experts) bits per id",
+    )
+    command.add_argument("--json", action="store_true", help="print JSON for machines")
+    command.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from routereplay.engines.responses import sequences_from_response
+    from routereplay.errors import RouteReplayError
+    from routereplay.layout import MoELayout
+    from routereplay.store import TraceWriter
+
+    try:
+        layout = MoELayout.from_hf_config(json.loads(args.config.read_text()))
+        lines = args.payloads.read_text().splitlines()
+        sequences = tokens = 0
+        # An error leaves no output file: the writer discards on exceptions.
+        with TraceWriter(args.output, layout, source=args.engine, encoding=args.encoding) as out:
+            for number, text in progress(enumerate(lines, 1), len(lines), "responses"):
+                if not text.strip():
+                    continue
+                try:
+                    response = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise RouteReplayError(f"line {number} is not JSON: {error}") from None
+                for decoded in sequences_from_response(args.engine, response, layout, number):
+                    out.append(decoded.routes, tokens=decoded.tokens)
+                    sequences += 1
+                    tokens += len(decoded.tokens)
+    except (OSError, json.JSONDecodeError, RouteReplayError) as error:
+        return bad_input("import", error)
+    report = {
+        "output": str(args.output),
+        "engine": args.engine,
+        "sequences": sequences,
+        "tokens": tokens,
+        "bytes": args.output.stat().st_size,
+        "layers": list(layout.moe_layers),
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(
+            f"{args.output}: {sequences} sequences, {tokens} tokens from {args.engine}, "
+            f"{report['bytes']} bytes, routed layers {report['layers']}"
+        )
+    return EXIT_OK
