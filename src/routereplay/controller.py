@@ -19,6 +19,7 @@ import enum
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ class ReplayController:
     @contextmanager
     def replay(
         self,
-        routes: RoutingTrace | Mapping[MicroBatch, RoutingTrace],
+        routes: RoutingTrace | Mapping[Any, RoutingTrace],
         *,
         strict: bool | None = None,
     ) -> Iterator[None]:

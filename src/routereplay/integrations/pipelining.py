@@ -1,0 +1,379 @@
+"""Replay under PyTorch's own pipeline engine (`torch.distributed.pipelining`).
+
+A transformers MoE causal LM is split into `StageModule`s, torchtitan style: each
+keeps its decoder layers in an `nn.ModuleDict` under their global ids, the first
+stage keeps the embeddings, the last the final norm and `lm_head`, and every stage
+recomputes position ids, rotary `(cos, sin)` and the causal mask from its input.
+The stages reference the modules of the full model (nothing is copied), so
+`routereplay.attach(model)` on the full model, before or after splitting, keys every
+router by its global layer.
+
+Micro-batch identity comes from the schedule itself: `ReplayPipelineStage` publishes
+the chunk id the schedule passes to `forward_one_chunk`, `backward_one_chunk` and
+`backward_weight_one_chunk` to the controller before running it. Activation
+recompute (transformers' gradient checkpointing or `torch.utils.checkpoint`) runs
+inside `backward_one_chunk`, so it replays the micro-batch whose backward is running,
+whatever order the schedule chose (LoopedBFS runs its stages' backwards in reverse).
+Nothing counts forward calls.
+
+Stages are built with static shapes (`micro_batch_shape`), so the schedule never runs
+its shape-inference forward and backward: those would route made-up activations
+under no chunk id, and in record mode keep them as a micro-batch's routes. A stage
+that would run that pass inside a record or replay context refuses to.
+
+`pipeline_replay` checks the routes against every stage of this rank before the
+schedule starts (a rank failing mid-schedule leaves its peers waiting); errors name
+the stage, pp_rank, layer and micro-batch. `gather_recording` joins the ranks'
+recorded stage slices into whole-model traces per micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.utils.checkpoint import checkpoint
+
+from routereplay.align import stack_stages
+from routereplay.controller import Mode, ReplayController
+from routereplay.errors import LayoutError, ReplayError, RouteReplayError
+from routereplay.errors import short_ids as _short
+from routereplay.layout import MoELayout
+from routereplay.recording import MicroBatch, Recording
+from routereplay.trace import RoutingTrace
+
+
+class StageModule(nn.Module):
+    """One pipeline stage of a transformers causal LM.
+
+    First stage: input ids `[batch, seq]` (int64) -> hidden states `[batch, seq,
+    hidden]`; middle stages: hidden -> hidden; last stage: hidden -> logits `[batch,
+    seq, vocab]`. Full sequences only: no attention mask, no KV cache.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[int],
+        *,
+        first: bool,
+        last: bool,
+        checkpoint_layers: bool = False,
+    ) -> None:
+        super().__init__()
+        decoder: Any = model.model
+        self.config: Any = model.config
+        self.global_layers = tuple(layers)
+        # Global ids as names: routers stay at `layers.<global id>.mlp.gate`.
+        self.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in self.global_layers})
+        self.embed_tokens: nn.Module | None = decoder.embed_tokens if first else None
+        self.norm: nn.Module | None = decoder.norm if last else None
+        self.lm_head: nn.Module | None = model.lm_head if last else None  # type: ignore[assignment]
+        # Rotary holds no parameters (inv_freq is a buffer): every stage may share it.
+        self.rotary_emb: nn.Module = decoder.rotary_emb
+        self.checkpoint_layers = checkpoint_layers
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        hidden = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
+        seq = hidden.shape[1]
+        position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            cache=None,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        for layer in self.layers.values():
+            kwargs = {
+                "position_embeddings": position_embeddings,
+                "attention_mask": mask,
+                "position_ids": position_ids,
+            }
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, use_reentrant=False, **kwargs)
+            else:
+                hidden = layer(hidden, **kwargs)
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        if self.lm_head is not None:
+            hidden = self.lm_head(hidden)
+        return hidden
+
+
+def stage_layers(layout: MoELayout, num_stages: int, stage_index: int) -> tuple[int, ...]:
+    """Global decoder layers of `stage_index` of `num_stages`, in the loop layout
+    (stage s runs on rank s % pp_size), as megatron-core places (pp_rank, vp_stage)."""
+    if not 0 <= stage_index < num_stages:
+        raise LayoutError(f"Stage {stage_index} is outside the {num_stages} pipeline stages.")
+    if num_stages == 1:
+        return tuple(range(layout.num_layers))
+    return layout.stage_layers(num_stages, stage_index)
+
+
+def split_model(
+    model: nn.Module,
+    pp_size: int,
+    pp_rank: int,
+    *,
+    stages_per_rank: int = 1,
+    checkpoint_layers: bool = False,
+) -> dict[int, StageModule]:
+    """This rank's stages of `model`, by stage index: `pp_rank`, `pp_rank + pp_size`, ...
+
+    `checkpoint_layers` wraps every decoder layer in `torch.utils.checkpoint`
+    (non-reentrant); transformers' `gradient_checkpointing_enable()` on the full model
+    works too, the stages run its layers.
+    """
+    layout = MoELayout.from_hf_config(model.config)
+    num_stages = pp_size * stages_per_rank
+    stages = {}
+    for virtual in range(stages_per_rank):
+        index = virtual * pp_size + pp_rank
+        stages[index] = StageModule(
+            model,
+            stage_layers(layout, num_stages, index),
+            first=index == 0,
+            last=index == num_stages - 1,
+            checkpoint_layers=checkpoint_layers,
+        )
+    return stages
+
+
+class ReplayPipelineStage(PipelineStage):
+    """A `PipelineStage` that tells `controller` which micro-batch it runs.
+
+    `micro_batch_shape` is `(batch, seq)` of one micro-batch: the stage's input and
+    output shapes are given to torch up front, so no shape-inference pass runs.
+    """
+
+    def __init__(
+        self,
+        submodule: StageModule,
+        stage_index: int,
+        num_stages: int,
+        device: torch.device,
+        controller: ReplayController,
+        micro_batch_shape: tuple[int, int],
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        batch, seq = micro_batch_shape
+        config = submodule.config
+        dtype = next(submodule.parameters()).dtype
+        hidden = torch.empty(batch, seq, config.hidden_size, dtype=dtype, device=device)
+        is_first, is_last = stage_index == 0, stage_index == num_stages - 1
+        inputs = (
+            torch.empty(batch, seq, dtype=torch.long, device=device)
+            if is_first
+            else hidden.requires_grad_()
+        )
+        outputs = (
+            torch.empty(batch, seq, config.vocab_size, dtype=dtype, device=device)
+            if is_last
+            else torch.empty_like(hidden)
+        )
+        super().__init__(
+            submodule,
+            stage_index,
+            num_stages,
+            device,
+            input_args=inputs,
+            output_args=outputs.requires_grad_(),
+            group=group,
+        )
+        self.controller = controller
+        self.routed_layers = tuple(
+            i for i in submodule.global_layers if controller.layout.is_moe(i)
+        )
+        self.micro_batch_shape = (batch, seq)
+        controller.on_detach(submodule.register_forward_pre_hook(self._publish_tokens).remove)
+
+    @property
+    def where(self) -> str:
+        """`"stage 2 (pp_rank 0)"`, named in every error of this stage."""
+        return f"stage {self.stage_index} (pp_rank {self.group_rank})"
+
+    def forward_one_chunk(
+        self,
+        fwd_chunk_id: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None = None,
+        save_forward_output: bool = True,
+    ) -> Any:
+        self.controller.set_micro_batch(fwd_chunk_id)
+        with self._naming_errors():
+            return super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
+
+    def backward_one_chunk(
+        self,
+        bwd_chunk_id: int,
+        loss: Any = None,
+        full_backward: bool = True,
+        last_backward: bool = False,
+    ) -> None:
+        # Recompute of checkpointed layers happens in here: it must see this micro-batch.
+        self.controller.set_micro_batch(bwd_chunk_id)
+        with self._naming_errors():
+            super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False) -> None:
+        self.controller.set_micro_batch(bwd_chunk_id)
+        with self._naming_errors():
+            super().backward_weight_one_chunk(bwd_chunk_id, last_backward)
+
+    def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
+        if self.controller.mode is not Mode.OFF:
+            raise ReplayError(
+                f"{self.where}: torch's shape-inference pass would route made-up activations "
+                f"as no micro-batch inside a {self.controller.mode.value} context. Build "
+                "every stage of the pipeline as a ReplayPipelineStage (static shapes), or "
+                "run one step outside record/replay first."
+            )
+        return super()._forward_metadata_inference(*args, **kwargs)
+
+    def _publish_tokens(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.controller.set_tokens(tuple(args[0].shape[:2]))
+
+    @contextmanager
+    def _naming_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as error:
+            # torch wraps a forward's exception in a RuntimeError: find ours in the chain.
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, RouteReplayError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise ReplayError(f"{self.where}: {cause}") from error
+
+
+def build_stages(
+    model: nn.Module,
+    controller: ReplayController,
+    pp_size: int,
+    pp_rank: int,
+    micro_batch_shape: tuple[int, int],
+    *,
+    stages_per_rank: int = 1,
+    checkpoint_layers: bool = False,
+    device: torch.device | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> list[ReplayPipelineStage]:
+    """This rank's `ReplayPipelineStage`s of `model` (attached to `controller`), in
+    stage order: pass them to a `PipelineScheduleSingle` (one) or `...Multi` schedule."""
+    num_stages = pp_size * stages_per_rank
+    where = torch.device("cpu") if device is None else device
+    return [
+        ReplayPipelineStage(
+            module, index, num_stages, where, controller, micro_batch_shape, group=group
+        )
+        for index, module in split_model(
+            model,
+            pp_size,
+            pp_rank,
+            stages_per_rank=stages_per_rank,
+            checkpoint_layers=checkpoint_layers,
+        ).items()
+    ]
+
+
+def split_routes(trace: RoutingTrace, num_micro_batches: int) -> dict[int, RoutingTrace]:
+    """`[batch, seq, layers, top_k]` -> micro-batch k -> its rows, split along dim 0 as
+    the schedules split their inputs (`torch.tensor_split`)."""
+    if trace.leading_shape[0] % num_micro_batches:
+        raise ReplayError(
+            f"A batch of {trace.leading_shape[0]} sequences does not split into "
+            f"{num_micro_batches} equal micro-batches."
+        )
+    chunks = trace.experts.tensor_split(num_micro_batches, dim=0)
+    return {
+        k: RoutingTrace(chunk.contiguous(), trace.layers, trace.num_experts, trace.source)
+        for k, chunk in enumerate(chunks)
+    }
+
+
+@contextmanager
+def pipeline_replay(
+    stages: Sequence[ReplayPipelineStage],
+    routes: Mapping[int, RoutingTrace],
+    num_micro_batches: int,
+) -> Iterator[None]:
+    """Replay `routes` (micro-batch -> `[batch, seq, layers, top_k]`) in the schedule
+    step run inside; checked first against every stage of this rank."""
+    if not stages:
+        raise ReplayError("pipeline_replay() needs this rank's stages; none were given.")
+    for stage in stages:
+        check_stage_routes(stage, routes, num_micro_batches)
+    by_micro_batch: dict[MicroBatch, RoutingTrace] = {mb: t for mb, t in routes.items()}
+    with stages[0].controller.replay(by_micro_batch):
+        yield
+
+
+def check_stage_routes(
+    stage: ReplayPipelineStage, routes: Mapping[int, RoutingTrace], num_micro_batches: int
+) -> None:
+    """Raise if `stage` would not find, for every micro-batch and routed layer it owns,
+    routes with one row per token of its micro-batch."""
+    extra = [mb for mb in routes if mb not in range(num_micro_batches)]
+    if extra:
+        raise ReplayError(
+            f"{stage.where}, layers {_short(stage.routed_layers)}: routes were given for "
+            f"micro-batch {extra[0]!r}, which the schedule does not run (it runs "
+            f"micro-batches 0..{num_micro_batches - 1}). Key routes by micro-batch index."
+        )
+    tokens = stage.micro_batch_shape[0] * stage.micro_batch_shape[1]
+    for mb in range(num_micro_batches):
+        trace = routes.get(mb)
+        for layer in stage.routed_layers:
+            if trace is None:
+                raise ReplayError(
+                    f"{stage.where}, layer {layer}, micro-batch {mb}: no routes were given "
+                    f"for this micro-batch (routes given for {sorted(routes)})."
+                )
+            if layer not in trace.layers:
+                raise ReplayError(
+                    f"{stage.where}, layer {layer}, micro-batch {mb}: the routes have no "
+                    f"layer {layer} (they cover {_short(trace.layers)}); this stage routes "
+                    f"{_short(stage.routed_layers)}."
+                )
+        if trace is not None and stage.routed_layers and trace.num_rows != tokens:
+            raise ReplayError(
+                f"{stage.where}, layer {stage.routed_layers[0]}, micro-batch {mb}: the "
+                f"routes hold {trace.num_rows} rows (token axes {list(trace.leading_shape)}) "
+                f"but the micro-batch is {list(stage.micro_batch_shape)} tokens."
+            )
+
+
+def gather_recording(
+    recording: Recording, layout: MoELayout, group: dist.ProcessGroup | None = None
+) -> dict[int, RoutingTrace]:
+    """Every rank's recorded stage slices joined: micro-batch -> `[batch, seq, routed
+    layers, top_k]` over all routed layers. A collective: call it on every rank."""
+    mine = {mb: trace for mb, trace in recording.traces.items() if isinstance(mb, int)}
+    size = dist.get_world_size(group)
+    everyone: list[Any] = [None] * size
+    dist.all_gather_object(everyone, mine, group=group)
+    micro_batches = sorted({mb for ranks in everyone for mb in ranks})
+    return {
+        mb: stack_stages([ranks[mb] for ranks in everyone if mb in ranks], layout)
+        for mb in micro_batches
+    }
+
+
+def sequence_traces(traces: Mapping[int, RoutingTrace]) -> list[RoutingTrace]:
+    """Micro-batch -> `[batch, seq, layers, top_k]` -> one `[seq, layers, top_k]` trace
+    per sequence, in batch order (micro-batch 0's sequences first)."""
+    return [
+        RoutingTrace(trace.experts[row], trace.layers, trace.num_experts, trace.source)
+        for _, trace in sorted(traces.items())
+        for row in range(trace.leading_shape[0])
+    ]
