@@ -1,10 +1,13 @@
 """The `routereplay` command line.
 
+`routereplay demo` trains a tiny MoE with GRPO without replay, with R2 and with R3,
+and shows the routing disagreement and log-prob mismatch each leaves;
 `routereplay layout CONFIG.json` shows which layers route and where each pipeline
 stage's routed layers are; `routereplay import vllm|sglang` turns saved engine
 responses into a trace file; `routereplay inspect FILE` summarises a trace file and
 checks every sequence's checksum; `routereplay compare A B` measures how often two
-trace files of the same tokens route differently.
+trace files of the same tokens route differently; `routereplay bench` times what
+record and replay add to a router call.
 
 Each subcommand is a module with `add(commands)`, which registers its parser and sets
 `run`, and `run(args) -> exit code`; `main` only dispatches.
@@ -16,7 +19,14 @@ import argparse
 from collections.abc import Sequence
 
 from routereplay import __version__
-from routereplay.cli import comparison, inspection, layout, payloads
+from routereplay.cli import (
+    benchmark,
+    comparison,
+    demonstration,
+    inspection,
+    layout,
+    payloads,
+)
 from routereplay.cli.common import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CHECK_FAILED", "EXIT_OK", "main"]
@@ -42,6 +52,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"routereplay {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (layout, payloads, inspection, comparison):
+    for command in (demonstration, layout, payloads, inspection, comparison, benchmark):
         command.add(commands)
     return parser
