@@ -8,7 +8,7 @@ import pytest
 import torch
 from hf_models import FAMILIES, router_of, tiny_model
 
-from routereplay import NO_ROUTE, RoutingTrace
+from routereplay import NO_ROUTE, ReplayError, RoutingTrace
 from routereplay.engines.hf import RecordingEngine, Rollout, SamplingParams
 
 PROMPT_LENGTHS = (12, 7, 20, 3)
@@ -162,9 +162,12 @@ def test_load_weights_syncs_the_trainer_into_the_engine_dtype() -> None:
     trainer = tiny_model("deepseek_v3", seed=1)
     engine = RecordingEngine(tiny_model("deepseek_v3", seed=2))
     engine.load_weights(trainer)
+    kept = ("e_score_correction_bias", "gate.weight")  # DeepSeek-V3 keeps these in fp32
     for name, value in trainer.state_dict().items():
         mine: Any = engine.model.state_dict()[name]
-        assert mine.dtype == torch.bfloat16 or not value.is_floating_point()
+        if value.is_floating_point():
+            expected = torch.float32 if any(k in name for k in kept) else torch.bfloat16
+            assert mine.dtype == expected, name
         torch.testing.assert_close(mine, value.to(mine.dtype))
 
 
@@ -185,3 +188,24 @@ def test_an_empty_prompt_is_rejected() -> None:
     engine = RecordingEngine(tiny_model("qwen3_moe"))
     with pytest.raises(ValueError, match="no empty prompt"):
         engine.generate([[5, 6], []], SamplingParams())
+
+
+def test_an_attached_model_is_refused_rather_than_copied_with_its_patches() -> None:
+    import routereplay
+
+    model = tiny_model("qwen3_moe")
+    controller = routereplay.attach(model)
+    with pytest.raises(
+        ReplayError, match=r"build the engine from the model before routereplay\.attach"
+    ):
+        RecordingEngine(model)
+    controller.detach()
+    RecordingEngine(model)  # fine once detached
+
+
+def test_the_engine_keeps_what_the_family_keeps_in_float32() -> None:
+    engine = RecordingEngine(tiny_model("deepseek_v3"), dtype=torch.bfloat16)
+    router = router_of(engine.model.model.layers[1])
+    assert router.weight.dtype == torch.float32
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert engine.model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from routereplay.controller import ReplayController
+from routereplay.errors import ReplayError
 from routereplay.integrations.hf import attach
 from routereplay.recording import Recording
 from routereplay.trace import NO_ROUTE, RoutingTrace
@@ -74,7 +75,15 @@ class RecordingEngine:
     """Samples from its own copy of `model` in `dtype` and records every route."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.model = copy.deepcopy(model).to(dtype).eval()
+        attached = [name for name, m in model.named_modules() if "forward" in vars(m)]
+        if attached or model._forward_pre_hooks:
+            # A copy would keep the trainer controller's patched routers and hooks.
+            raise ReplayError(
+                f"The model already has routereplay (or other per-instance) patches "
+                f"({', '.join(attached[:3]) or 'a pre-forward hook'}): build the engine from "
+                "the model before routereplay.attach(), or after controller.detach()."
+            )
+        self.model = _in_dtype(copy.deepcopy(model), dtype).eval()
         self.dtype = dtype
         self.controller: ReplayController = attach(self.model, source="hf-engine")
         config: Any = self.model.config
@@ -138,6 +147,20 @@ class RecordingEngine:
                 mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
                 positions = positions[:, -1:] + 1
         return _rollouts(batch, recording, sampled, logprobs, lengths, params)
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model` in `dtype`, except what its family keeps in float32 (DeepSeek-V3's router
+    weight and `e_score_correction_bias`), as transformers loads it."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + tuple(
+        getattr(model, "_keep_in_fp32_modules", None) or ()
+    )
+    model = model.to(dtype)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if keep and tensor.is_floating_point() and any(k in name for k in keep):
+                tensor.data = tensor.data.float()
+    return model
 
 
 class _LeftPadded:
