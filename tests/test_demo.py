@@ -110,3 +110,21 @@ def test_model_config_overrides_the_default_model() -> None:
 
 def test_the_same_seed_gives_the_same_numbers() -> None:
     assert without_timings(small_run(seed=3)) == without_timings(small_run(seed=3))
+
+
+@pytest.mark.timeout(400)
+def test_the_default_demo_cuts_the_k3_kl_at_least_twofold_under_r3() -> None:
+    # What `make demo` runs (seed 0, 40 steps, 2 threads): the expected outcome,
+    # asserted on the same JSON the command writes.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        default = json.loads(json.dumps(run_demo()))
+    finally:
+        torch.set_num_threads(threads)
+    summary = {mode: default["modes"][mode]["summary"] for mode in MODES}
+    assert summary["R3"]["routing_disagreement"] == 0.0
+    assert summary["R3"]["counterfactual_disagreement"] > 0
+    assert summary["none"]["mismatch"]["k3_kl"] >= 2 * summary["R3"]["mismatch"]["k3_kl"]
