@@ -32,23 +32,17 @@ Megatron conventions worth knowing when reading results:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
-import tempfile
-import time
-import traceback
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import spawn_ranks
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -236,43 +230,26 @@ def initialize_model_parallel(pp_size: int, vp_size: int | None = None, seed: in
     model_parallel_cuda_manual_seed(seed)
 
 
-def _rank_main(
+def _megatron_rank(
     rank: int,
     fn: Callable[..., Any],
-    world_size: int,
     pp_size: int | None,
     vp_size: int | None,
     kwargs: dict[str, Any],
-    out_dir: str,
-) -> None:
-    """One process: set up, run `fn`, write `rank<N>.pt`, or `rank<N>.err` and re-raise."""
-    out = Path(out_dir)
+) -> Any:
+    """Inside a rank (gloo already joined): make megatron-core run on CPU, set up its
+    parallel state, run `fn(rank, **kwargs)`, tear the state down."""
+    # Megatron without Transformer Engine or Apex warns on every config and layer.
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    patch_megatron_for_cpu()
     try:
-        # Megatron without Transformer Engine or Apex warns on every config and layer.
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        torch.set_num_threads(1)  # ranks share a small machine: no oversubscription
-        patch_megatron_for_cpu()
-        # A lost peer fails a collective after this long instead of hanging the rank.
-        dist.init_process_group(
-            "gloo",
-            store=dist.FileStore(str(out / "store"), world_size),  # type: ignore[attr-defined]
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=60),
-        )
-        try:
-            if pp_size is not None:
-                initialize_model_parallel(pp_size, vp_size)
-            result = fn(rank, **kwargs)
-        finally:
-            if parallel_state.model_parallel_is_initialized():
-                parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
-        torch.save(result, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise  # a non-zero exit makes the parent stop the other ranks
+        if pp_size is not None:
+            initialize_model_parallel(pp_size, vp_size)
+        return fn(rank, **kwargs)
+    finally:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
 
 
 def run_on_ranks(
@@ -300,44 +277,8 @@ def run_on_ranks(
     deadline, fails the calling test with every rank's traceback.
     """
     pp = world_size if pp_size is None else pp_size
-    with tempfile.TemporaryDirectory(prefix="megatron-ranks-") as tmp:
-        out_dir = Path(tmp)
-        context = mp.start_processes(  # type: ignore[attr-defined,no-untyped-call]
-            _rank_main,
-            args=(fn, world_size, pp, vp_size, kwargs, str(out_dir)),
-            nprocs=world_size,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + timeout_s
-        failure: str | None = None
-        try:
-            # A rank that failed stops the others: SIGTERM after 1 s, SIGKILL after 1 s more.
-            while not context.join(timeout=0.5, grace_period=1.0):
-                if time.monotonic() > deadline:
-                    failure = f"the ranks ran past {timeout_s:.0f} s"
-                    break
-        except Exception as error:  # a rank raised or died; join() names the first one
-            failure = str(error)
-        finally:
-            for process in context.processes:  # only the processes started here
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-        if failure is not None:
-            reports = [
-                f"--- rank {rank} ---\n"
-                + (
-                    path.read_text()
-                    if (path := out_dir / f"rank{rank}.err").exists()
-                    else "no traceback (killed while running or waiting on a peer)"
-                )
-                for rank in range(world_size)
-            ]
-            pytest.fail(f"megatron ranks failed: {failure}\n" + "\n".join(reports), pytrace=False)
-        return [
-            torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)
-        ]
+    body = functools.partial(_megatron_rank, fn=fn, pp_size=pp, vp_size=vp_size, kwargs=kwargs)
+    return spawn_ranks(body, world_size, timeout_s=timeout_s, what="megatron ranks")
 
 
 # -- the model -------------------------------------------------------------------------

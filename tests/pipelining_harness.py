@@ -8,20 +8,13 @@ shared by the ranks and the single-process reference in the test process.
 
 from __future__ import annotations
 
-import tempfile
-import time
-import traceback
 from collections.abc import Callable
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_ranks import spawn_ranks
 from hf_models import router_of, tiny_model
 from torch import nn
 
@@ -88,58 +81,7 @@ class ExpertCalls:
         return log
 
 
-def _rank_main(rank: int, fn: Callable[[int], Any], out_dir: str) -> None:
-    torch.set_num_threads(1)  # two ranks on a small, shared machine
-    out = Path(out_dir)
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{out / 'store'}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=60),  # a lost peer fails a collective, never hangs
-        )
-        try:
-            result = fn(rank)
-        finally:
-            dist.destroy_process_group()
-        torch.save(result, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise  # a non-zero exit makes the parent stop the other rank
-
-
 def run_on_ranks(fn: Callable[[int], Any], timeout_s: float) -> list[Any]:
     """Run `fn(rank)` (module-level, its result `torch.save`-able) on WORLD spawned
     processes; return the results in rank order, or fail with every rank's report."""
-    with tempfile.TemporaryDirectory(prefix="pipelining-ranks-") as tmp:
-        out_dir = Path(tmp)
-        context = mp.start_processes(  # type: ignore[attr-defined,no-untyped-call]
-            _rank_main, args=(fn, str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + timeout_s
-        failure: str | None = None
-        try:
-            while not context.join(timeout=0.5, grace_period=1.0):
-                if time.monotonic() > deadline:
-                    failure = f"the ranks ran past {timeout_s:.0f} s"
-                    break
-        except Exception as error:  # a rank raised or died; join() names the first one
-            failure = str(error)
-        finally:
-            for process in context.processes:  # only the processes started here
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-        if failure is not None:
-            reports = [
-                f"--- rank {rank} ---\n"
-                + (
-                    path.read_text()
-                    if (path := out_dir / f"rank{rank}.err").exists()
-                    else "no traceback (killed while running or waiting on a peer)"
-                )
-                for rank in range(WORLD)
-            ]
-            pytest.fail(f"pipeline ranks failed: {failure}\n" + "\n".join(reports), pytrace=False)
-        return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return spawn_ranks(fn, WORLD, timeout_s=timeout_s, what="pipeline ranks")

@@ -13,17 +13,12 @@ behaviour of that run for one (family, attach order) case.
 
 from __future__ import annotations
 
-import time
-import traceback
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import spawn_ranks
 from hf_models import router_of, tiny_model
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -140,69 +135,18 @@ def run_case_under_fsdp(family: str, attach_order: str, rank: int, mesh: DeviceM
     return RankRun(input_ids, trace, expert_ids, controller.totals(), loss.detach(), grads)
 
 
-def rank_main(rank: int, store: str, out_dir: str) -> None:
-    """One process: run every case, write `rank<N>.pt`, or `rank<N>.err` and re-raise."""
-    torch.set_num_threads(1)  # two ranks on a small machine: no oversubscription
-    out = Path(out_dir)
-    try:
-        # A lost peer fails a collective after this long instead of hanging the rank.
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{store}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=60),
-        )
-        try:
-            mesh = init_device_mesh("cpu", (WORLD,))
-            runs = {case: run_case_under_fsdp(*case, rank, mesh) for case in CASES}
-        finally:
-            dist.destroy_process_group()
-        torch.save(runs, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise  # a non-zero exit makes the parent stop the other rank
-
-
-def spawn_ranks(out_dir: Path) -> list[dict[Case, RankRun]]:
-    """Run `rank_main` on WORLD processes; fail with every rank's traceback, never hang."""
-    context = mp.start_processes(
-        rank_main,
-        args=(str(out_dir / "store"), str(out_dir)),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + RANK_DEADLINE_S
-    failure: str | None = None
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                failure = f"the ranks ran past {RANK_DEADLINE_S:.0f} s"
-                break
-    except Exception as error:  # a rank raised or died; join() names the first one
-        failure = str(error)
-    finally:
-        for process in context.processes:  # only the processes started here
-            if process.is_alive():
-                process.kill()
-                process.join()
-    if failure is not None:
-        reports = [
-            f"--- rank {rank} ---\n"
-            + (path.read_text() if (path := out_dir / f"rank{rank}.err").exists() else "no report")
-            for rank in range(WORLD)
-        ]
-        pytest.fail(f"FSDP2 ranks failed: {failure}\n" + "\n".join(reports), pytrace=False)
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+def fsdp_cases(rank: int) -> dict[Case, RankRun]:
+    """One rank (gloo already joined): every case under FSDP2 on a CPU device mesh."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    return {case: run_case_under_fsdp(*case, rank, mesh) for case in CASES}
 
 
 # -- fixtures --------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def all_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[Case, RankRun]]:
-    return spawn_ranks(tmp_path_factory.mktemp("fsdp2"))
+def all_runs() -> list[dict[Case, RankRun]]:
+    return spawn_ranks(fsdp_cases, WORLD, timeout_s=RANK_DEADLINE_S, what="FSDP2 ranks")
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-attach_{o}" for f, o in CASES])
