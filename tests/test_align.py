@@ -297,6 +297,53 @@ def test_routes_stay_next_to_their_tokens_through_the_same_plan(case: ThdCase) -
         assert torch.equal(trace.expert_ids(), routes_of(ids[piece]))
 
 
+@given(thd_cases, st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 1)]))
+def test_a_rank_gets_exactly_its_tokens_and_its_stages_layers(
+    case: ThdCase, pipeline: tuple[int, int]
+) -> None:
+    lengths, plan = build_thd(case)
+    pp_size, vp_size = pipeline
+    batch = batch_trace(sum(lengths))
+    everything = plan.apply_trace(batch)
+    for piece in everything:
+        for pp_rank in range(pp_size):
+            layers = LAYOUT.rank_moe_layers(pp_size, pp_rank, vp_size)
+            routes = plan.rank_routes(batch, piece.cp_rank, piece.tp_rank, layers)
+            assert routes[piece.micro_batch].layers == layers
+            assert routes[piece.micro_batch].equal(everything[piece].select_layers(layers))
+
+
+def test_a_rank_of_pp_2_vpp_2_routes_two_separate_layer_runs() -> None:
+    assert LAYOUT.rank_moe_layers(2, 0, 2) == (4, 5)  # vp_stage 0 holds dense layers only
+    assert LAYOUT.rank_moe_layers(2, 1, 2) == (2, 3, 6, 7)
+    plan = plan_thd([5, 3], cp_size=2)
+    routes = plan.rank_routes(batch_trace(8), cp_rank=1, layers=(2, 3, 6, 7))
+    ids = plan.apply(torch.arange(8))[Piece(0, 1, 0)]
+    assert torch.equal(routes[0].expert_ids(), routes_of(ids)[:, [0, 1, 4, 5]])
+
+
+def test_joining_sequences_over_some_layers_copies_only_those() -> None:
+    traces = sequence_traces([3, 0, 4])
+    joined, lengths = concat_traces(traces, layers=(7, 2, 3))
+    assert joined.layers == (2, 3, 7)
+    assert joined.equal(concat_traces(traces)[0].select_layers((2, 3, 7)))
+    assert lengths.tolist() == [3, 0, 4]
+
+
+def test_no_layers_gives_an_empty_layer_axis() -> None:
+    routes = plan_thd([3]).rank_routes(batch_trace(3), layers=())
+    assert routes[0].layers == () and routes[0].experts.shape == (3, 0, 4)
+
+
+def test_layer_runs_of_an_odd_top_k_move_whole_rows_correctly() -> None:
+    layout = MoELayout.from_dense_pattern([1, 1, 1], num_experts=8, top_k=3)
+    experts = torch.arange(5 * 3 * 3).reshape(5, 3, 3) % 8  # distinct within each row
+    trace = RoutingTrace(experts, layout.moe_layers, 8)
+    plan = pad_plan([2, 3], side="left")
+    picked = plan.apply_trace(trace, layers=(1, 2))
+    assert picked.equal(plan.apply_trace(trace).select_layers((1, 2)))
+
+
 @given(thd_cases)
 def test_plan_thd_equals_chaining_the_single_step_plans(case: ThdCase) -> None:
     lengths, plan = build_thd(case)
@@ -465,6 +512,20 @@ def test_restoring_a_piece_twice_names_both_holders() -> None:
         TraceError, match=r"Source token 0 is held by 2 pieces \(Piece 0, Piece 2\)"
     ):
         restore([torch.zeros(2)] * 3, [ranks[0], ranks[1], ranks[0]])
+
+
+def test_asking_a_plan_for_layers_the_trace_lacks_names_them() -> None:
+    trace = batch_trace(4).select_layers((2, 3))
+    with pytest.raises(TraceError, match=r"Layers \[4, 5\] were asked for; the .* covers \[2, 3\]"):
+        pack_plan([4]).apply_trace(trace, layers=(3, 4, 5))
+
+
+def test_routes_for_a_rank_outside_the_plan_are_refused() -> None:
+    plan = plan_thd([4, 4], cp_size=2)
+    with pytest.raises(LayoutError, match=r"\(cp_rank=2, tp_rank=0\) is not a rank .* cp_size=2"):
+        plan.rank_routes(batch_trace(8), cp_rank=2)
+    with pytest.raises(LayoutError, match="every TP rank replays tp_rank=0's piece"):
+        plan.rank_routes(batch_trace(8), tp_rank=1)
 
 
 def test_a_stage_slice_of_a_trace_without_the_stage_layers_is_rejected() -> None:

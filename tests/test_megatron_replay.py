@@ -110,9 +110,12 @@ def record_and_replay(rank: int) -> dict[str, Any]:
         )
         for mb in range(MICRO_BATCHES)
     }
-    # ... and back into the trainer's layout for the update pass.
+    # ... and back into the trainer's layout for the update pass, each rank taking only
+    # its own layers (rank 1's are two runs, (2, 3) and (6, 7)).
+    layers = LAYOUT.rank_moe_layers(2, rank, 2)
     update = {
-        mb: rr_megatron.sequence_first(pad_traces(seqs, SEQ)) for mb, seqs in sequences.items()
+        mb: rr_megatron.sequence_first(pad_traces(seqs, SEQ, layers=layers))
+        for mb, seqs in sequences.items()
     }
     calls = watch_routers(chunks)
     with controller.replay(update):
@@ -123,6 +126,7 @@ def record_and_replay(rank: int) -> dict[str, Any]:
         "calls": [(c.layer, c.recomputing, c.experts) for c in calls],
         "stats": controller.stats(),
         "sequence_shapes": [s.leading_shape for s in sequences[0]],
+        "update_layers": update[0].layers,
     }
 
 
@@ -263,6 +267,7 @@ def test_r2_round_trip_under_vpp_replays_exactly_what_was_recorded(
     for rank in ranks:
         r2 = rank["r2"]
         assert r2["sequence_shapes"] == [(SEQ,)] * BATCH
+        assert r2["update_layers"] == r2["layers"][0]  # each rank replays only its layers
         traces = {
             mb: RoutingTrace(experts, r2["layers"][mb], 8) for mb, experts in r2["recorded"].items()
         }

@@ -271,6 +271,18 @@ class MoELayout:
         """The routed subset of `stage_layers(...)`, same arguments."""
         return tuple(i for i in self.stage_layers(*args, **kwargs) if i in self._moe_set)
 
+    def rank_moe_layers(
+        self, pp_size: int, pp_rank: int, vp_size: int = 1, **split: Any
+    ) -> tuple[int, ...]:
+        """The routed layers of every virtual stage pipeline rank `pp_rank` builds, in
+        layer order: the layers whose routes that rank replays. `split` takes the
+        keyword arguments of `stage_layers` after `vp_stage`."""
+        stages = (
+            self.stage_moe_layers(pp_size, pp_rank, vp_size, vp_stage, **split)
+            for vp_stage in range(vp_size)
+        )
+        return tuple(sorted(layer for stage in stages for layer in stage))
+
     # -- internals --------------------------------------------------------------------
 
     def _check_layer(self, layer: int) -> None:

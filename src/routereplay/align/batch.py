@@ -10,21 +10,19 @@ plan straight from the batch's tokens to what that rank's routers see.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from routereplay.align.layouts import check_cp_chunks, pack_plan, padded_lengths
+from routereplay.align.layouts import check_cp_chunks, pack_plan, padded_lengths, rank_plan
 from routereplay.align.micro_batches import MicroBatches, fixed_micro_batches
 from routereplay.align.plan import (
-    PAD,
     Lengths,
     TokenPlan,
     as_lengths,
     check_size,
-    ragged_positions,
     restore,
     restore_trace,
     starts,
@@ -67,9 +65,42 @@ class ThdPlan:
         """Per-token `values [sum(lengths), *rest]` -> each piece's `[tokens, *rest]`."""
         return {piece: plan.apply(values, pad) for piece, plan in self.pieces.items()}
 
-    def apply_trace(self, trace: RoutingTrace) -> dict[Piece, RoutingTrace]:
-        """The batch's trace `[sum(lengths), layers, top_k]` -> each piece's trace."""
-        return {piece: plan.apply_trace(trace) for piece, plan in self.pieces.items()}
+    def apply_trace(
+        self, trace: RoutingTrace, layers: Iterable[int] | None = None
+    ) -> dict[Piece, RoutingTrace]:
+        """The batch's trace `[sum(lengths), layers, top_k]` -> each piece's trace, over
+        `layers` only when given (see `TokenPlan.apply_trace`)."""
+        return {piece: plan.apply_trace(trace, layers) for piece, plan in self.pieces.items()}
+
+    def rank_routes(
+        self,
+        trace: RoutingTrace,
+        cp_rank: int = 0,
+        tp_rank: int = 0,
+        layers: Iterable[int] | None = None,
+    ) -> dict[int, RoutingTrace]:
+        """What one trainer rank replays: micro-batch -> its piece of `trace`, the mapping
+        `ReplayController.replay` takes.
+
+        Only this rank's tokens and, with `layers` (its pipeline stages' routed layers,
+        `MoELayout.rank_moe_layers`), only those layers' ids are moved: a rank of a
+        CP x PP job copies 1 / (cp_size * pp_size) of the batch's ids.
+        """
+        ranks = {(piece.cp_rank, piece.tp_rank) for piece in self.pieces}
+        if (cp_rank, tp_rank) not in ranks:
+            cp_size = 1 + max(cp for cp, _ in ranks)
+            sp_size = 1 + max(tp for _, tp in ranks)
+            raise LayoutError(
+                f"(cp_rank={cp_rank}, tp_rank={tp_rank}) is not a rank of this plan, which "
+                f"splits over cp_size={cp_size} x sp_size={sp_size}. Without sequence "
+                "parallelism (sp_size=1) every TP rank replays tp_rank=0's piece."
+            )
+        wanted = None if layers is None else tuple(layers)
+        return {
+            piece.micro_batch: plan.apply_trace(trace, wanted)
+            for piece, plan in self.pieces.items()
+            if (piece.cp_rank, piece.tp_rank) == (cp_rank, tp_rank)
+        }
 
     def restore(self, pieces: Mapping[Piece, torch.Tensor]) -> torch.Tensor:
         """Every piece's `[tokens, *rest]` -> `[sum(lengths), *rest]` in batch order."""
@@ -120,23 +151,15 @@ def plan_thd(
     num_source = int(lengths.sum())
     pieces: dict[Piece, TokenPlan] = {}
     for index, group in enumerate(micro_batches.groups):
-        # One pass straight from batch tokens to rank tokens: the same positions as
-        # chaining select -> pack_plan -> context_parallel_plans -> sequence_parallel_plans
-        # (a test holds them equal), without the intermediate plans.
-        real, local = lengths[group], padded[group] // cp_size
-        sequence, offset = ragged_positions(local)
-        real, base, half = real[sequence], begin[group][sequence], (local // 2)[sequence]
+        # Straight from batch tokens to rank tokens: the same positions as chaining
+        # select -> pack_plan -> context_parallel_plans -> sequence_parallel_plans (a
+        # test holds them equal), without the intermediate plans.
+        real, length, base = lengths[group], padded[group], begin[group]
         for cp_rank in range(cp_size):
-            if zigzag:
-                far = (2 * cp_size - 2 - cp_rank) * half
-                position = torch.where(offset < half, cp_rank * half + offset, far + offset)
-            else:
-                position = cp_rank * local[sequence] + offset
-            source = torch.where(position < real, base + position, PAD)
+            rank = rank_plan(real, length, base, cp_rank, cp_size, zigzag, num_source)
+            source = rank.source
             if sp_size == 1:
-                pieces[Piece(index, cp_rank, 0)] = TokenPlan(
-                    source, local, num_source, (source.numel(),)
-                )
+                pieces[Piece(index, cp_rank, 0)] = rank
                 continue
             share = source.numel() // sp_size
             if source.numel() % sp_size:

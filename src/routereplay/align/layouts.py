@@ -18,7 +18,6 @@ from routereplay.align.plan import (
     TokenPlan,
     as_lengths,
     check_size,
-    ragged_positions,
     starts,
 )
 from routereplay.errors import LayoutError
@@ -71,10 +70,7 @@ def pack_plan(lengths: Lengths, multiple: int = 1) -> TokenPlan:
     """
     lengths = as_lengths(lengths)
     padded = padded_lengths(lengths, multiple)
-    sequence, offset = ragged_positions(padded)
-    inside = offset < lengths[sequence]
-    source = torch.where(inside, starts(lengths)[sequence] + offset, PAD)
-    return TokenPlan(source, padded, int(lengths.sum()), (source.numel(),))
+    return rank_plan(lengths, padded, starts(lengths), 0, 1, False, int(lengths.sum()))
 
 
 def context_parallel_plans(
@@ -147,21 +143,39 @@ def check_cp_chunks(
 
 
 def _chunk_plans(lengths: torch.Tensor, ranks: int, zigzag: bool) -> list[TokenPlan]:
-    local = lengths // ranks
-    sequence, offset = ragged_positions(local)
-    base = starts(lengths)[sequence]
-    plans = []
-    for rank in range(ranks):
-        if zigzag:
-            chunk = (local // 2)[sequence]
-            # The first half of a rank's piece is chunk `rank`, the second chunk
-            # `2 * ranks - 1 - rank`, mirrored so that causal attention work balances.
-            in_first = offset < chunk
-            position = torch.where(
-                in_first, rank * chunk + offset, (2 * ranks - 2 - rank) * chunk + offset
-            )
-        else:
-            position = rank * local[sequence] + offset
-        source = base + position
-        plans.append(TokenPlan(source, local, int(lengths.sum()), (source.numel(),)))
-    return plans
+    begin, num_source = starts(lengths), int(lengths.sum())
+    return [
+        rank_plan(lengths, lengths, begin, rank, ranks, zigzag, num_source) for rank in range(ranks)
+    ]
+
+
+def rank_plan(
+    real: torch.Tensor,
+    padded: torch.Tensor,
+    begin: torch.Tensor,
+    rank: int,
+    ranks: int,
+    zigzag: bool,
+    num_source: int,
+) -> TokenPlan:
+    """One rank's share of sequences split along their tokens over `ranks` ranks.
+
+    real:   int64 `[sequences]`, tokens each sequence has on the source axis.
+    padded: int64 `[sequences]`, its length once padded at its end (divisible into equal
+            chunks); positions past `real` are padding.
+    begin:  int64 `[sequences]`, where each sequence starts on the source axis.
+    zigzag: rank r takes chunks r and `2 * ranks - 1 - r` of `2 * ranks` (mirrored so that
+            causal attention work balances), else the r-th of `ranks` blocks.
+    """
+    local = padded // ranks
+    if zigzag:
+        half = local // 2
+        at = torch.stack([rank * half, (2 * ranks - 1 - rank) * half], dim=1)
+        width = torch.stack([half, half], dim=1)
+    else:
+        at, width = (rank * local)[:, None], local[:, None]
+    valid = torch.minimum((real[:, None] - at).clamp(min=0), width)
+    # Per sequence and chunk: a run of source tokens, then a run of padding.
+    runs_begin = torch.stack([begin[:, None] + at, torch.full_like(at, PAD)], dim=2)
+    runs_count = torch.stack([valid, width - valid], dim=2)
+    return TokenPlan.from_runs(runs_begin.flatten(), runs_count.flatten(), local, num_source)

@@ -12,14 +12,14 @@ source token once can be undone (`restore`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 
-from routereplay.errors import LayoutError, TraceError
+from routereplay.errors import LayoutError, TraceError, short_ids
 from routereplay.trace import RoutingTrace
 
 Lengths = torch.Tensor | np.ndarray[Any, Any] | Sequence[int]
@@ -65,6 +65,29 @@ class TokenPlan:
                     f"A plan's source indices must lie in [-1, {self.num_source}), found "
                     f"[{low}, {high}]."
                 )
+
+    @classmethod
+    def from_runs(
+        cls,
+        begin: torch.Tensor,
+        counts: torch.Tensor,
+        lengths: torch.Tensor,
+        num_source: int,
+    ) -> TokenPlan:
+        """The plan whose output is runs laid end to end: run i holds `counts[i]`
+        consecutive source tokens from `begin[i]`, or `counts[i]` padding positions where
+        `begin[i]` is -1 (int64 `[runs]` each). Every layout here is a few runs per
+        sequence, so building from runs costs a handful of passes over the tokens."""
+        tokens = int(counts.sum())
+        placed = starts(counts)
+        source = torch.repeat_interleave(begin - placed, counts, output_size=tokens)
+        source += torch.arange(tokens)
+        padding = begin < 0
+        positions = ragged_arange(placed[padding], counts[padding])
+        source.index_fill_(0, positions, PAD)
+        plan = cls(source, lengths, num_source, (tokens,))
+        plan.__dict__["_padding"] = positions  # known here; saves a pass at apply time
+        return plan
 
     @property
     def num_tokens(self) -> int:
@@ -113,14 +136,19 @@ class TokenPlan:
             return values.new_full((*self.shape, *rest), pad)
         index = self._gather_index.to(values.device)
         words = _as_words(values, _word_dtype(values))
-        out = words.index_select(0, index).view(values.dtype).reshape(self.num_tokens, *rest)
+        out = words.index_select(0, index).view(values.dtype).view(self.num_tokens, *rest)
         if self._padding.numel():
             out.index_fill_(0, self._padding.to(values.device), pad)
         return out.reshape(*self.shape, *rest)
 
-    def apply_trace(self, trace: RoutingTrace) -> RoutingTrace:
+    def apply_trace(self, trace: RoutingTrace, layers: Iterable[int] | None = None) -> RoutingTrace:
         """`trace [*source token axes, layers, top_k]` (tokens `num_source` in all) ->
-        `[*shape, layers, top_k]`, padding rows -1 (no route)."""
+        `[*shape, layers, top_k]`, padding rows -1 (no route).
+
+        layers: keep only these global layers (say, the routed layers of one pipeline
+                rank's stages, `MoELayout.rank_moe_layers`); only their ids are moved,
+                one row gather per run of adjacent layers on the trace's layer axis.
+        """
         if trace.num_rows != self.num_source:
             raise TraceError(
                 f"This plan reads a source axis of {self.num_source} tokens; the "
@@ -128,7 +156,12 @@ class TokenPlan:
                 f"(token axes {list(trace.leading_shape)})."
             )
         rows = trace.experts.reshape(self.num_source, *trace.experts.shape[-2:])
-        return derived(trace, self.apply(rows, PAD), trace.layers)
+        if layers is None:
+            return derived(trace, self.apply(rows, PAD), trace.layers)
+        kept = layer_runs(trace, layers)
+        parts = [self.apply(rows[:, first:end], PAD) for first, end in kept.runs]
+        experts = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        return derived(trace, experts, kept.layers)
 
     def then(self, inner: TokenPlan) -> TokenPlan:
         """The plan that applies `self`, then `inner` (whose source axis is `self`'s output)."""
@@ -238,6 +271,32 @@ def restore_trace(
     return derived(first, restore(keyed, plans), first.layers)
 
 
+class LayerRuns(NamedTuple):
+    """Global `layers` (sorted) and where they sit on a trace's layer axis, as runs of
+    adjacent slots `[first, end)`."""
+
+    layers: tuple[int, ...]
+    runs: tuple[tuple[int, int], ...]
+
+
+def layer_runs(trace: RoutingTrace, layers: Iterable[int]) -> LayerRuns:
+    """Where `layers` sit on `trace`'s layer axis, raising if the trace lacks any."""
+    wanted = tuple(sorted(set(int(layer) for layer in layers)))
+    missing = [layer for layer in wanted if layer not in trace.layers]
+    if missing:
+        raise TraceError(
+            f"Layers {short_ids(missing)} were asked for; the {trace.source} trace covers "
+            f"{short_ids(trace.layers)}. Align traces that hold every layer the rank routes."
+        )
+    runs: list[tuple[int, int]] = []
+    for slot in (trace.slot(layer) for layer in wanted):
+        if runs and runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], slot + 1)
+        else:
+            runs.append((slot, slot + 1))
+    return LayerRuns(wanted, tuple(runs) or ((0, 0),))
+
+
 def derived(trace: RoutingTrace, experts: torch.Tensor, layers: tuple[int, ...]) -> RoutingTrace:
     """A trace of `trace`'s experts count and source over new `experts`, unchecked: rows
     moved from a valid trace, and -1 rows, are valid by construction."""
@@ -277,15 +336,6 @@ def starts(lengths: torch.Tensor) -> torch.Tensor:
     return lengths.cumsum(0) - lengths
 
 
-def ragged_positions(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For sequences laid end to end: (sequence of each token, offset inside it), int64
-    `[tokens]` each."""
-    total = int(lengths.sum())
-    sequence = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=total)
-    offset = torch.arange(total) - starts(lengths)[sequence]
-    return sequence, offset
-
-
 def ragged_arange(begin: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """int64 `[counts.sum()]`: `arange(begin[i], begin[i] + counts[i])` for each i, joined."""
     total = int(counts.sum())
@@ -303,10 +353,16 @@ def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def _word_dtype(values: torch.Tensor) -> torch.dtype:
-    """The widest integer type whose size divides one row of `values [n, *rest]`."""
-    row_bytes = values.element_size() * int(np.prod(values.shape[1:]))
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if row_bytes % size == 0:
+    """The widest integer type whose size divides one row of `values [n, *rest]`, and,
+    for a view (a layer range of a trace), its row stride and offset in bytes too."""
+    size = values.element_size()
+    spans = [size * int(np.prod(values.shape[1:])), size * values.storage_offset()]
+    if not values.is_contiguous():
+        spans.append(size * values.stride(0))
+    if spans[0] == 0:  # rows of no layers: nothing to move
+        return torch.uint8
+    for dtype, word in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if all(span % word == 0 for span in spans):
             return dtype
     return torch.uint8
 

@@ -7,13 +7,20 @@ The padding and packing helpers are that plus one plan; stage slices cut the lay
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 
 from routereplay.align.layouts import pack_plan, pad_plan
-from routereplay.align.plan import Lengths, TokenPlan, as_lengths, derived, restore
+from routereplay.align.plan import (
+    Lengths,
+    TokenPlan,
+    as_lengths,
+    derived,
+    layer_runs,
+    restore,
+)
 from routereplay.errors import TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
@@ -21,11 +28,14 @@ from routereplay.trace import RoutingTrace
 
 
 def concat_traces(
-    traces: Sequence[RoutingTrace], lengths: Lengths | None = None
+    traces: Sequence[RoutingTrace],
+    lengths: Lengths | None = None,
+    layers: Iterable[int] | None = None,
 ) -> tuple[RoutingTrace, torch.Tensor]:
     """Per-sequence traces `[tokens_i, layers, top_k]` -> (`[sum tokens_i, layers, top_k]`,
     int64 lengths `[sequences]`). All must cover the same layers, top_k and expert count;
-    `lengths`, when given, must match the traces' token counts."""
+    `lengths`, when given, must match the traces' token counts. With `layers`, only
+    those layers are joined (and copied)."""
     if not traces:
         raise TraceError("No traces were given: a batch needs at least one sequence.")
     first = traces[0]
@@ -49,8 +59,12 @@ def concat_traces(
     found = torch.tensor([trace.experts.shape[0] for trace in traces], dtype=torch.int64)
     if lengths is not None:
         _check_lengths(as_lengths(lengths), found)
-    experts = torch.cat([trace.experts for trace in traces])
-    return derived(first, experts, first.layers), found
+    if layers is None:
+        return derived(first, torch.cat([trace.experts for trace in traces]), first.layers), found
+    kept = layer_runs(first, layers)
+    parts = [torch.cat([trace.experts[:, a:b] for trace in traces]) for a, b in kept.runs]
+    experts = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return derived(first, experts, kept.layers), found
 
 
 def split_traces(trace: RoutingTrace, lengths: Lengths) -> list[RoutingTrace]:
@@ -71,10 +85,12 @@ def pad_traces(
     seq_len: int | None = None,
     *,
     side: Literal["right", "left"] = "right",
+    layers: Iterable[int] | None = None,
 ) -> RoutingTrace:
     """Per-sequence traces -> a padded batch `[batch, seq_len, layers, top_k]`, -1 rows
-    for padding (see `pad_plan`)."""
-    flat, lengths = concat_traces(traces)
+    for padding (see `pad_plan`); over `layers` only when given (one pipeline rank's,
+    `MoELayout.rank_moe_layers`)."""
+    flat, lengths = concat_traces(traces, layers=layers)
     return pad_plan(lengths, seq_len, side=side).apply_trace(flat)
 
 
@@ -98,11 +114,12 @@ def unpad_traces(
 
 
 def pack_traces(
-    traces: Sequence[RoutingTrace], multiple: int = 1
+    traces: Sequence[RoutingTrace], multiple: int = 1, layers: Iterable[int] | None = None
 ) -> tuple[RoutingTrace, TokenPlan]:
     """Per-sequence traces -> THD packed `[sum(padded lengths), layers, top_k]` and its plan
-    (`plan.cu_seqlens`: int32 padded boundaries; apply it to token ids alike)."""
-    flat, lengths = concat_traces(traces)
+    (`plan.cu_seqlens`: int32 padded boundaries; apply it to token ids alike); over
+    `layers` only when given."""
+    flat, lengths = concat_traces(traces, layers=layers)
     plan = pack_plan(lengths, multiple)
     return plan.apply_trace(flat), plan
 
