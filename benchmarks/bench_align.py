@@ -8,22 +8,36 @@ of 256..1792 tokens (the target shape) and ~16000 of 16..112 (short sequences, w
 per-sequence overhead rather than memory bandwidth sets the pace). Side by side in one
 run, same inputs, outputs asserted equal:
 
-  plans, from traces   routereplay.align: concat the per-sequence traces, plan_thd, one
-                       row gather per (micro-batch, cp rank), stage slices as views
-  plans, from batch    the same when the batch's trace is already one tensor (collated
-                       by the data loader, or read from a trace file)
-  per-sequence loop    plain Python: for each micro-batch, pad each sequence with a cat,
-                       chunk it, cat rank pieces, slice stages (written below)
-  plans, restore       the inverse (R2): every rank's routes back to the batch's trace
-  plan_thd alone       building the index plans, included in both "plans" cases above
+  copy of the ids            batch.experts.clone(): the floor for anything that writes
+                             the batch's ids once into fresh memory, as the "all ranks"
+                             cases must; loop / copy bounds what any of them can gain
+  all ranks                  one process lays out every (micro-batch, cp rank, stage)
+                             piece, as a single-controller driver would:
+    plans, from traces       routereplay.align: concat the per-sequence traces, plan_thd,
+                             one row gather per (micro-batch, cp rank), stages as views
+    plans, from batch        the same when the batch's trace is already one tensor
+                             (collated by the data loader, or read from a trace file)
+    per-sequence loop        plain Python: for each micro-batch, pad each sequence with a
+                             cat, chunk it, cat rank pieces, slice stages (written below)
+  one rank                   what each trainer rank runs every step: its own pieces
+                             (cp rank 0) over its own stage's layers (pp rank 0) only
+    plans, from traces       concat_traces(layers=...), then ThdPlan.rank_routes
+    plans, from batch        ThdPlan.rank_routes(batch, cp_rank, layers=...)
+    per-sequence loop        the loop above for one rank, taking the stage's layers
+                             before it pads, so that it too copies only what it keeps
+  plans, restore             the inverse (R2): every rank's routes back to the batch
+  plan_thd alone             the index plans, included in every "plans" case above
 
-The micro-batch grouping is computed once (balanced_micro_batches) and given to the loop,
-so the loop is timed on data movement only. Throughput counts the batch's routed id bytes
-(tokens x layers x top_k x 1 byte). Ratios are what to read; absolute numbers depend on
-the (shared) machine's memory bandwidth.
+The micro-batch grouping is computed once (balanced_micro_batches) and given to the
+loops, so they are timed on data movement only. Throughput counts the batch's routed id
+bytes (tokens x layers x top_k x 1 byte), whatever share a case writes. Ratios are what
+to read; absolute numbers depend on the (shared) machine's memory bandwidth.
+`--device cuda` runs every case on a GPU (plans are built on the CPU from the lengths,
+as a trainer builds them, and their indices copied over).
 
     python benchmarks/bench_align.py [--sequences N --min-len A --max-len B] [--cp 2]
-                                     [--tp 1] [--pp 4] [--json]
+                                     [--tp 1] [--pp 4] [--threads 1] [--device cpu]
+                                     [--json]
 """
 
 from __future__ import annotations
@@ -51,6 +65,14 @@ ROUNDS = 5
 # (name, sequences, shortest, longest): each about 1M tokens.
 BATCHES = [("long sequences", 1000, 256, 1792), ("short sequences", 16000, 16, 112)]
 Key = tuple[int, int, int]  # (micro-batch, cp rank * tp + tp rank, pipeline stage)
+# The ratios reported, as (name, slower case, faster case).
+RATIOS = [
+    ("all ranks: loop / plans, from traces", "all ranks: loop", "all ranks: plans, traces"),
+    ("all ranks: loop / plans, from batch", "all ranks: loop", "all ranks: plans, batch"),
+    ("all ranks: loop / copy of the ids", "all ranks: loop", "copy of the ids"),
+    ("one rank: loop / plans, from traces", "one rank: loop", "one rank: plans, traces"),
+    ("one rank: loop / plans, from batch", "one rank: loop", "one rank: plans, batch"),
+]
 
 
 def main() -> None:
@@ -66,9 +88,11 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=65536, help="micro-batch budget")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, all cases")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to run on a GPU")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # steadier on a shared 2-core machine; both sides alike
+    torch.set_num_threads(args.threads)  # 1: steadier on a shared 2-core machine
     batches = BATCHES
     if args.sequences is not None:
         batches = [("custom", args.sequences, args.min_len, args.max_len)]
@@ -83,32 +107,35 @@ def main() -> None:
             f"{shape['layers']} layers, top-{shape['top_k']} int8 ({shape['id_bytes'] / 1e6:.0f} "
             f"MB of ids) -> {shape['micro_batches']} micro-batches x CP={shape['cp']} zigzag x "
             f"SP={shape['tp']} x PP={shape['pp']}, each sequence padded to a multiple of "
-            f"{shape['pad_multiple']}"
+            f"{shape['pad_multiple']}; {shape['device']}, {shape['threads']} thread(s)"
         )
-        print(f"  {'case':<20} {'median ms':>10} {'GB/s':>7}")
+        print(f"  {'case':<28} {'median ms':>10} {'GB/s':>7}")
         for name, seconds in report["seconds"].items():
-            print(f"  {name:<20} {seconds * 1e3:10.1f} {report['gb_per_s'][name]:7.2f}")
+            print(f"  {name:<28} {seconds * 1e3:10.1f} {report['gb_per_s'][name]:7.2f}")
         for name, ratio in report["ratios"].items():
-            print(f"  {name:<30} {ratio:5.2f}x")
+            print(f"  {name:<38} {ratio:5.2f}x")
         print()
 
 
 def run(args: argparse.Namespace, name: str, sequences: int, shortest: int, longest: int) -> Any:
+    device = torch.device(args.device)
     layout = MoELayout.from_dense_pattern([1] * args.layers, args.experts, args.top_k)
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(shortest, longest + 1, (sequences,), generator=generator)
-    batch = random_trace(int(lengths.sum()), layout, generator)
+    batch = on_device(random_trace(int(lengths.sum()), layout, generator), device)
     # One trace per rollout sequence, each in its own memory as engines decode them
     # (select_layers copies, without re-validating what was validated above).
     traces = [trace.select_layers(trace.layers) for trace in split_traces(batch, lengths)]
     multiple = 2 * args.cp * args.tp
     groups = balanced_micro_batches(padded_lengths(lengths, multiple), args.max_tokens)
     stages = [layout.stage_moe_layers(pp_size=args.pp, pp_rank=rank) for rank in range(args.pp)]
+    slots = [(layers[0], layers[-1] + 1) for layers in stages]
+    group_lists = [group.tolist() for group in groups.groups]
 
     def plan() -> ThdPlan:
         return plan_thd(lengths, groups, multiple=multiple, cp_size=args.cp, sp_size=args.tp)
 
-    def plans_from(flat: RoutingTrace) -> dict[Key, torch.Tensor]:
+    def all_ranks(flat: RoutingTrace) -> dict[Key, torch.Tensor]:
         out = {}
         for piece, on_rank in plan().apply_trace(flat).items():
             rank = piece.cp_rank * args.tp + piece.tp_rank
@@ -118,36 +145,51 @@ def run(args: argparse.Namespace, name: str, sequences: int, shortest: int, long
                 ).experts
         return out
 
+    def one_rank(flat: RoutingTrace) -> dict[int, torch.Tensor]:
+        routes = plan().rank_routes(flat, cp_rank=0, tp_rank=0, layers=stages[0])
+        return {micro_batch: trace.experts for micro_batch, trace in routes.items()}
+
+    def all_loop() -> dict[Key, torch.Tensor]:
+        return per_sequence(traces, group_lists, multiple, args.cp, args.tp, slots)
+
+    def rank_loop() -> dict[int, torch.Tensor]:
+        return per_sequence_one_rank(traces, group_lists, multiple, args.cp, slots[0])
+
     thd = plan()
     on_ranks = thd.apply_trace(batch)
-    slots = [(layers[0], layers[-1] + 1) for layers in stages]
-    group_lists = [group.tolist() for group in groups.groups]
     cases: dict[str, Callable[[], object]] = {
-        "plans, from traces": lambda: plans_from(concat_traces(traces)[0]),
-        "plans, from batch": lambda: plans_from(batch),
-        "per-sequence loop": lambda: per_sequence(
-            traces, group_lists, multiple, args.cp, args.tp, slots
-        ),
+        "copy of the ids": batch.experts.clone,
+        "all ranks: plans, traces": lambda: all_ranks(concat_traces(traces)[0]),
+        "all ranks: plans, batch": lambda: all_ranks(batch),
+        "all ranks: loop": all_loop,
+        "one rank: plans, traces": lambda: one_rank(concat_traces(traces, layers=stages[0])[0]),
+        "one rank: plans, batch": lambda: one_rank(batch),
+        "one rank: loop": rank_loop,
         "plans, restore": lambda: thd.restore_trace(on_ranks),
         "plan_thd alone": plan,
     }
-    reference = per_sequence(traces, group_lists, multiple, args.cp, args.tp, slots)
-    check_equal(plans_from(concat_traces(traces)[0]), reference, "plans, from traces")
-    check_equal(plans_from(batch), reference, "plans, from batch")
+    reference = all_loop()
+    check_equal(all_ranks(concat_traces(traces)[0]), reference, "all ranks, from traces")
+    check_equal(all_ranks(batch), reference, "all ranks, from batch")
+    rank_reference = {key[0]: v for key, v in reference.items() if key[1:] == (0, 0)}
+    check_equal(rank_loop(), rank_reference, "one rank, loop")
+    check_equal(one_rank(concat_traces(traces, layers=stages[0])[0]), rank_reference, "traces")
+    check_equal(one_rank(batch), rank_reference, "one rank, from batch")
     if not thd.restore_trace(on_ranks).equal(batch):
         raise SystemExit("plans, restore: the batch's trace did not come back")
-    del reference
+    del reference, rank_reference
 
     # Interleave rounds so that machine noise hits every case alike; keep the medians.
     samples: dict[str, list[float]] = {case: [] for case in cases}
     for _ in range(args.rounds):
         for case, body in cases.items():
+            synchronize(device)
             start = time.perf_counter()
             body()
+            synchronize(device)
             samples[case].append(time.perf_counter() - start)
     median = {case: sorted(v)[len(v) // 2] for case, v in samples.items()}
     id_bytes = batch.experts.numel() * batch.experts.element_size()
-    loop = median["per-sequence loop"]
     return {
         "name": name,
         "shape": {
@@ -162,13 +204,12 @@ def run(args: argparse.Namespace, name: str, sequences: int, shortest: int, long
             "micro_batches": len(groups),
             "pad_multiple": multiple,
             "id_bytes": id_bytes,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
         },
         "seconds": median,
         "gb_per_s": {case: id_bytes / seconds / 1e9 for case, seconds in median.items()},
-        "ratios": {
-            "loop / plans, from traces": loop / median["plans, from traces"],
-            "loop / plans, from batch": loop / median["plans, from batch"],
-        },
+        "ratios": {ratio: median[slow] / median[fast] for ratio, slow, fast in RATIOS},
     }
 
 
@@ -179,6 +220,17 @@ def random_trace(tokens: int, layout: MoELayout, generator: torch.Generator) -> 
     stride = layout.num_experts // layout.top_k
     experts = (first + torch.arange(layout.top_k, dtype=torch.int16) * stride) % layout.num_experts
     return RoutingTrace(experts, layout.moe_layers, layout.num_experts, source="bench")
+
+
+def on_device(trace: RoutingTrace, device: torch.device) -> RoutingTrace:
+    if device.type == "cpu":
+        return trace
+    return RoutingTrace(trace.experts.to(device), trace.layers, trace.num_experts, trace.source)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def per_sequence(
@@ -210,7 +262,30 @@ def per_sequence(
     return out
 
 
-def check_equal(got: dict[Key, torch.Tensor], want: dict[Key, torch.Tensor], name: str) -> None:
+def per_sequence_one_rank(
+    traces: Sequence[RoutingTrace],
+    groups: list[list[int]],
+    multiple: int,
+    cp: int,
+    stage_slot: tuple[int, int],
+) -> dict[int, torch.Tensor]:
+    """The plain version for cp rank 0 (tp rank 0) and one stage: take the stage's layers,
+    pad, keep the rank's two chunks."""
+    first, end = stage_slot
+    out = {}
+    for micro_batch, group in enumerate(groups):
+        pieces = []
+        for index in group:
+            experts = traces[index].experts[:, first:end]
+            pad = -experts.shape[0] % multiple
+            filler = experts.new_full((pad, *experts.shape[1:]), -1)
+            chunks = torch.cat([experts, filler]).chunk(2 * cp)
+            pieces += [chunks[0], chunks[2 * cp - 1]]
+        out[micro_batch] = torch.cat(pieces)
+    return out
+
+
+def check_equal(got: dict[Any, torch.Tensor], want: dict[Any, torch.Tensor], name: str) -> None:
     if got.keys() != want.keys():
         raise SystemExit(f"{name}: pieces {sorted(got)[:4]} differ from {sorted(want)[:4]}")
     for key, experts in want.items():
