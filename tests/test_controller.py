@@ -300,6 +300,24 @@ def test_a_trace_for_another_model_is_refused_on_entry(hybrid_layout: MoELayout)
     assert controller.mode is Mode.OFF
 
 
+def test_replay_revalidates_a_trace_only_once_its_ids_are_written(
+    model: ToyMoE, tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trace = record(model, tokens)
+    checks = []
+    original = RoutingTrace.validate
+    monkeypatch.setattr(RoutingTrace, "validate", lambda self: checks.append(original(self)))
+    with model.controller.replay(trace):
+        pass
+    assert checks == []  # validated when built; nothing wrote to it since
+    trace.experts[0, 0] = trace.experts[0, 0].flip(0)  # still valid: the same set of ids
+    with model.controller.replay(trace):
+        pass
+    with model.controller.replay(trace):
+        pass
+    assert len(checks) == 1  # checked again once after the write, then no more
+
+
 def test_ids_written_into_a_trace_after_construction_are_caught_with_the_micro_batch(
     model: ToyMoE, tokens: torch.Tensor
 ) -> None:

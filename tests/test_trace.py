@@ -103,6 +103,18 @@ def test_negative_ids_other_than_minus_one_are_rejected() -> None:
         RoutingTrace(torch.tensor([[[-2, 1]]]), layers=(0,), num_experts=8)
 
 
+def test_recheck_sees_zeros_written_over_padding_through_any_view() -> None:
+    experts = torch.tensor([[[0, 1], [2, 3]], [[-1, -1], [-1, -1]]])
+    trace = RoutingTrace(experts, (0, 1), 4)
+    stage = trace.select_layers((1,))  # a copy: unaffected by what follows
+    layer_view = trace.experts[:, 1]
+    trace.recheck()  # nothing written: nothing to do
+    layer_view[1] = 0  # the padding row "filled" with zeros, through a view
+    with pytest.raises(TraceError, match=r"Row \(token 1\), layer 1, routes to the same expert"):
+        trace.recheck()
+    stage.recheck()
+
+
 def test_layer_ids_must_match_the_layer_axis() -> None:
     with pytest.raises(TraceError, match="The layer axis has 2 slots but 3 layer ids"):
         RoutingTrace(random_routes((3,), 2, 2, 8), layers=(0, 1, 2), num_experts=8)

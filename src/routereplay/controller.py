@@ -426,7 +426,8 @@ def _check_replayable(trace: RoutingTrace, layout: MoELayout, micro_batch: Micro
         )
     try:
         trace.check_layout(layout)
-        # The ids tensor is mutable: catch anything written into it after construction.
-        RoutingTrace(trace.experts, trace.layers, trace.num_experts, trace.source)
+        # The ids tensor is mutable: catch anything written into it after construction
+        # (zeros written over padding, say), at no cost for traces nobody wrote to.
+        trace.recheck()
     except TraceError as error:
         raise ReplayError(f"Micro-batch {micro_batch!r}: {error}") from error

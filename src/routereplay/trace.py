@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,8 @@ class RoutingTrace:
     layers: tuple[int, ...]
     num_experts: int
     source: str = "recorded"
+    # `experts._version` when the ids were last validated (see `recheck`).
+    _checked_version: int = field(default=-1, init=False, repr=False)
 
     def __post_init__(self) -> None:
         experts = _as_int_tensor(self.experts, "experts")
@@ -65,6 +67,7 @@ class RoutingTrace:
         object.__setattr__(self, "experts", experts.to(storage_dtype(self.num_experts)))
         object.__setattr__(self, "layers", layers)
         self.validate()
+        self._checked()
 
     # -- shape --------------------------------------------------------------------------
 
@@ -143,6 +146,19 @@ class RoutingTrace:
                 f"{experts[_first(repeated)].tolist()}. A token picks top_k distinct experts; "
                 "zero-filled rows usually mean padding or a broken capture (mark them -1)."
             )
+
+    def recheck(self) -> None:
+        """Validate again if `experts` was written in place since it was last checked.
+
+        torch counts every in-place write to a tensor and its views (`_version`), so a
+        trace nobody wrote to costs nothing here, however large. Writes that bypass
+        torch (through a numpy array sharing the memory) are not seen.
+        """
+        if self.experts._version == self._checked_version:
+            return
+        _check_range(self.experts, self.layers, self.num_experts)
+        self.validate()
+        self._checked()
 
     def check_layout(self, layout: MoELayout) -> None:
         """Raise unless this trace can be replayed on a model of `layout`."""
@@ -236,7 +252,12 @@ class RoutingTrace:
             ("source", self.source),
         ):
             object.__setattr__(trace, name, value)
+        trace._checked()
         return trace
+
+    def _checked(self) -> None:
+        # The ids as validated: `recheck` re-validates once they are written to.
+        object.__setattr__(self, "_checked_version", self.experts._version)
 
 
 def _as_int_tensor(experts: ExpertArray, name: str) -> torch.Tensor:
