@@ -115,6 +115,40 @@ def test_recheck_sees_zeros_written_over_padding_through_any_view() -> None:
     stage.recheck()
 
 
+def batch_of_two() -> RoutingTrace:
+    """`[2 sequences, 3 tokens, 1 layer, top-2]`, every id distinct per row."""
+    experts = torch.arange(12).reshape(2, 3, 1, 2) % 8
+    return RoutingTrace(experts, (5,), 8, source="vllm")
+
+
+def test_selecting_sequences_keeps_layers_source_and_ids() -> None:
+    trace = batch_of_two()
+    second = trace.select_tokens(1)
+    assert second.leading_shape == (3,) and second.layers == (5,) and second.source == "vllm"
+    assert torch.equal(second.experts, trace.experts[1])
+    assert trace.select_tokens(torch.tensor([True, False])).leading_shape == (1, 3)
+    with pytest.raises(TraceError, match=r"Index 0 leaves no token axis .*token axes \[3\]"):
+        second.select_tokens(0)
+
+
+def test_transposing_token_axes_twice_gives_the_trace_back() -> None:
+    trace = batch_of_two()
+    assert trace.transpose_tokens().leading_shape == (3, 2)
+    assert trace.transpose_tokens().transpose_tokens().equal(trace)
+    with pytest.raises(TraceError, match=r"needs two of them; .* has \[3\]"):
+        trace.select_tokens(0).transpose_tokens()
+
+
+def test_tokens_left_out_become_minus_one_rows() -> None:
+    trace = batch_of_two()
+    mask = torch.tensor([[True, False, False], [False, False, True]])
+    masked = trace.without_tokens(mask)
+    assert bool((masked.experts[mask] == NO_ROUTE).all())
+    assert torch.equal(masked.experts[~mask], trace.experts[~mask])
+    with pytest.raises(TraceError, match=r"bool \[2, 3\] like the token axes; found torch.int64"):
+        trace.without_tokens(mask.long())
+
+
 def test_layer_ids_must_match_the_layer_axis() -> None:
     with pytest.raises(TraceError, match="The layer axis has 2 slots but 3 layer ids"):
         RoutingTrace(random_routes((3,), 2, 2, 8), layers=(0, 1, 2), num_experts=8)

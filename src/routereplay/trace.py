@@ -178,6 +178,40 @@ class RoutingTrace:
 
     # -- conversions ------------------------------------------------------------------
 
+    def select_tokens(self, index: int | slice | Sequence[int] | torch.Tensor) -> RoutingTrace:
+        """Entries of the first token axis: sequences of a `[batch, seq, layers, top_k]`
+        trace, tokens of a `[tokens, layers, top_k]` one. `index` is a slice, ids or a
+        bool mask (the axis stays), or an int (one sequence: the axis goes). Rows of a
+        valid trace are valid, so nothing is checked again."""
+        experts = self.experts[index]
+        if experts.ndim < 3:
+            raise TraceError(
+                f"Index {index!r} leaves no token axis of this {self.source} trace (token "
+                f"axes {list(self.leading_shape)}): an int picks one sequence of a batch."
+            )
+        return self._derived(experts, self.layers)
+
+    def transpose_tokens(self) -> RoutingTrace:
+        """`[a, b, layers, top_k]` -> `[b, a, layers, top_k]` (contiguous): batch-first to
+        sequence-first and back."""
+        if len(self.leading_shape) != 2:
+            raise TraceError(
+                f"Transposing token axes needs two of them; this {self.source} trace has "
+                f"{list(self.leading_shape)}."
+            )
+        return self._derived(self.experts.transpose(0, 1).contiguous(), self.layers)
+
+    def without_tokens(self, mask: torch.Tensor) -> RoutingTrace:
+        """The trace with the token positions `mask` (bool `[*token axes]`) set to -1 (no
+        route): prompt tokens left out of a comparison, or padding."""
+        if mask.dtype != torch.bool or tuple(mask.shape) != self.leading_shape:
+            raise TraceError(
+                f"The mask must be bool {list(self.leading_shape)} like the token axes; "
+                f"found {mask.dtype} {list(mask.shape)}."
+            )
+        experts = self.experts.masked_fill(mask[..., None, None].to(self.experts.device), NO_ROUTE)
+        return self._derived(experts, self.layers)
+
     def select_layers(self, layers: Iterable[int]) -> RoutingTrace:
         """The trace restricted to global `layers` (e.g. one pipeline stage's routed layers)."""
         wanted = sorted(set(int(i) for i in layers))

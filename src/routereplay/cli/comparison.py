@@ -41,12 +41,11 @@ def add(commands: Commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
+    from routereplay.align import concat_traces
     from routereplay.errors import RouteReplayError, TraceError
     from routereplay.metrics import routing_agreement
     from routereplay.store import TraceFile
-    from routereplay.trace import RoutingTrace
 
     try:
         with TraceFile(args.a) as a, TraceFile(args.b) as b:
@@ -62,10 +61,7 @@ def run(args: argparse.Namespace) -> int:
                     )
                 pairs.append((first, second))
         # One comparison over every token: rows and layers weigh alike across sequences.
-        joined = [
-            RoutingTrace(torch.cat([t.experts for t in side]), side[0].layers, side[0].num_experts)
-            for side in zip(*pairs, strict=True)
-        ]
+        joined = [concat_traces(side)[0] for side in zip(*pairs, strict=True)]
         agreement = routing_agreement(*joined)
     except (OSError, RouteReplayError) as error:
         return bad_input("compare", error)

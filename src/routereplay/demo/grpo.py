@@ -110,14 +110,13 @@ class TrainerBatch:
 
 def rows_of(trace: RoutingTrace, rows: torch.Tensor) -> RoutingTrace:
     """Sequences `rows` of a `[sequences, seq, layers, top_k]` trace."""
-    return RoutingTrace(trace.experts[rows], trace.layers, trace.num_experts, trace.source)
+    return trace.select_tokens(rows)
 
 
 def without_rows(trace: RoutingTrace, rows: torch.Tensor) -> RoutingTrace:
     """`trace` with the token positions `rows` (bool `[sequences, seq]`) set to -1, so
     that comparisons skip them."""
-    experts = trace.experts.masked_fill(rows[..., None, None], NO_ROUTE)
-    return RoutingTrace(experts, trace.layers, trace.num_experts, trace.source)
+    return trace.without_tokens(rows)
 
 
 class ExpertInputs:

@@ -248,5 +248,4 @@ def _swap_token_axes(trace: RoutingTrace) -> RoutingTrace:
             f"Swapping batch and sequence needs a trace with two token axes, found "
             f"{list(trace.leading_shape)}; packed (THD) traces have one and need none."
         )
-    experts = trace.experts.transpose(0, 1).contiguous()
-    return RoutingTrace(experts, trace.layers, trace.num_experts, trace.source)
+    return trace.transpose_tokens()

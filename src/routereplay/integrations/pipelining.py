@@ -294,10 +294,9 @@ def split_routes(trace: RoutingTrace, num_micro_batches: int) -> dict[int, Routi
             f"A batch of {trace.leading_shape[0]} sequences does not split into "
             f"{num_micro_batches} equal micro-batches."
         )
-    chunks = trace.experts.tensor_split(num_micro_batches, dim=0)
+    size = trace.leading_shape[0] // num_micro_batches
     return {
-        k: RoutingTrace(chunk.contiguous(), trace.layers, trace.num_experts, trace.source)
-        for k, chunk in enumerate(chunks)
+        k: trace.select_tokens(slice(k * size, (k + 1) * size)) for k in range(num_micro_batches)
     }
 
 
@@ -373,7 +372,7 @@ def sequence_traces(traces: Mapping[int, RoutingTrace]) -> list[RoutingTrace]:
     """Micro-batch -> `[batch, seq, layers, top_k]` -> one `[seq, layers, top_k]` trace
     per sequence, in batch order (micro-batch 0's sequences first)."""
     return [
-        RoutingTrace(trace.experts[row], trace.layers, trace.num_experts, trace.source)
+        trace.select_tokens(row)
         for _, trace in sorted(traces.items())
         for row in range(trace.leading_shape[0])
     ]
