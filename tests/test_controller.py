@@ -300,6 +300,19 @@ def test_a_trace_for_another_model_is_refused_on_entry(hybrid_layout: MoELayout)
     assert controller.mode is Mode.OFF
 
 
+def test_replay_never_reads_ids_back_from_the_router_device() -> None:
+    # A meta tensor has no values: any host read of the router-side ids (a sync per
+    # router call on a GPU) would raise here. The trace stays on the host.
+    layout = MoELayout.from_dense_pattern([1, 1], num_experts=8, top_k=2)
+    trace = RoutingTrace(torch.tensor([[[0, 1], [2, 3]], [[-1, -1], [4, 5]]]), (0, 1), 8)
+    controller = ReplayController(layout)
+    native = torch.empty(2, 2, dtype=torch.long, device="meta")
+    with controller.replay(trace):
+        for layer in (0, 1, 0):  # the second call to layer 0 is its recompute
+            ids = controller.choose(layer, native, 8)
+            assert ids.device.type == "meta" and ids.shape == (2, 2)
+
+
 def test_replay_revalidates_a_trace_only_once_its_ids_are_written(
     model: ToyMoE, tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:

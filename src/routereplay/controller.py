@@ -318,14 +318,15 @@ class ReplayController:
         self, key: tuple[MicroBatch, int], native: torch.Tensor, num_experts: int
     ) -> torch.Tensor:
         micro_batch, layer = key
-        target = self._target(micro_batch, layer, native, num_experts)
-        if target is None:  # not strict and nothing to replay: native, and counted.
+        found = self._target(micro_batch, layer, native, num_experts)
+        if found is None:  # not strict and nothing to replay: native, and counted.
             self._decided[key] = native.to(storage_dtype(self.layout.num_experts))
             self._count(layer, native=native.shape[0])
             return native
+        target, has_native_rows = found
         replayed = target[:, 0] != NO_ROUTE  # [tokens]
         ids = torch.where(replayed[:, None], target, native)
-        if not bool(replayed.all()):
+        if has_native_rows:
             # Native rows must not drift on recompute: keep what they chose now.
             self._decided[key] = ids.to(storage_dtype(self.layout.num_experts))
         # Ids in a row are distinct: the sets differ iff some id is not a native choice.
@@ -347,8 +348,9 @@ class ReplayController:
         """Recompute of a key already routed in this context: the same ids as before."""
         decided = self._decided.get(key)
         if decided is None:  # replay with every row replayed: the trace is the record
-            ids = self._target(key[0], key[1], native, num_experts)
-            assert ids is not None  # a missing target was decided natively and kept
+            found = self._target(key[0], key[1], native, num_experts)
+            assert found is not None  # a missing target was decided natively and kept
+            ids = found[0]
         else:
             ids = decided.to(native.device).long()
         _check_tokens(ids.shape[0], native.shape[0], key)
@@ -357,8 +359,9 @@ class ReplayController:
 
     def _target(
         self, micro_batch: MicroBatch, layer: int, native: torch.Tensor, num_experts: int
-    ) -> torch.Tensor | None:
-        """`[tokens, top_k]` int64 ids for (micro_batch, layer), or None (non-strict, absent)."""
+    ) -> tuple[torch.Tensor, bool] | None:
+        """`[tokens, top_k]` int64 ids for (micro_batch, layer) on the router's device and
+        whether any row is -1 (routed natively), or None (non-strict, absent)."""
         trace = self._routes.get(micro_batch)
         if trace is None or layer not in trace.layers:
             if not self.strict:
@@ -384,7 +387,10 @@ class ReplayController:
                 f"{num_experts} experts and top_k={native.shape[-1]}; the trace has "
                 f"{trace.num_experts} experts and top_k={trace.top_k}."
             )
-        return experts.to(native.device, non_blocking=True).long()
+        # Asked of the trace where it lives (the host, usually), not of the device copy:
+        # a device-to-host read per router call would stall the GPU's queue.
+        has_native_rows = bool((experts[:, 0] == NO_ROUTE).any())
+        return experts.to(native.device, non_blocking=True).long(), has_native_rows
 
     def _count(
         self,
