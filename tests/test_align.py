@@ -19,6 +19,7 @@ from routereplay.align import (
     concat_traces,
     context_parallel_plans,
     fixed_micro_batches,
+    mask_plan,
     pack_plan,
     pack_traces,
     pad_plan,
@@ -91,6 +92,38 @@ def test_a_padded_batch_of_traces_unpads_to_the_same_sequences(
     padding = plan.source.view(batch.leading_shape) < 0
     assert bool((batch.experts[padding] == -1).all())
     back = unpad_traces(batch, lengths, side=side)
+    assert all(a.equal(b) for a, b in zip(back, traces, strict=True))
+
+
+def test_a_mask_lays_out_verls_left_padded_prompt_and_right_padded_response() -> None:
+    # Row 0: prompt of 2 (left-padded to 3), response of 1 (right-padded to 3).
+    mask = torch.tensor(
+        [[False, True, True, True, False, False], [True, True, True, True, True, False]]
+    )
+    plan = mask_plan(mask)
+    assert plan.apply(torch.arange(8)).tolist() == [
+        [-1, 0, 1, 2, -1, -1],
+        [3, 4, 5, 6, 7, -1],
+    ]
+    assert plan.valid_lengths.tolist() == [3, 5]
+
+
+masks = st.integers(1, 5).flatmap(
+    lambda rows: st.lists(
+        st.lists(st.booleans(), min_size=6, max_size=6), min_size=rows, max_size=rows
+    )
+)
+
+
+@given(masks)
+def test_traces_laid_out_by_a_mask_come_back_out_by_it(rows: list[list[bool]]) -> None:
+    mask = torch.tensor(rows)
+    traces = sequence_traces(mask.sum(1).tolist())
+    batch = pad_traces(traces, mask=mask)
+    assert batch.leading_shape == tuple(mask.shape)
+    assert bool((batch.experts[~mask] == -1).all())
+    assert torch.equal(batch.experts[mask], concat_traces(traces)[0].experts)
+    back = unpad_traces(batch, mask=mask)
     assert all(a.equal(b) for a, b in zip(back, traces, strict=True))
 
 
@@ -444,6 +477,31 @@ def test_unpadding_with_lengths_longer_than_the_rows_names_the_sequence() -> Non
     batch = pad_traces(sequence_traces([2, 3]))
     with pytest.raises(TraceError, match="Sequence 0 has length 4, but the batch rows hold 3"):
         unpad_traces(batch, [4, 1])
+
+
+def test_a_mask_must_be_a_bool_batch() -> None:
+    with pytest.raises(LayoutError, match=r"bool \[batch, seq\] .* found torch.int64 \[2, 3\]"):
+        mask_plan(torch.ones(2, 3, dtype=torch.int64))
+
+
+def test_traces_that_do_not_fill_their_mask_rows_are_rejected() -> None:
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    with pytest.raises(TraceError, match="Sequence 1's trace has 2 tokens; its mask row marks 1"):
+        pad_traces(sequence_traces([2, 2]), mask=mask)
+    with pytest.raises(TraceError, match=r"3 traces were given for 2 sequences"):
+        pad_traces(sequence_traces([2, 1, 1]), mask=mask)
+    with pytest.raises(LayoutError, match="Give seq_len or mask, not both"):
+        pad_traces(sequence_traces([2, 1]), 3, mask=mask)
+
+
+def test_unpadding_by_a_mask_of_another_batch_is_rejected() -> None:
+    batch = pad_traces(sequence_traces([2, 1]))
+    with pytest.raises(
+        TraceError, match=r"The mask is \[2, 3\]; the batch's token axes are \[2, 2\]"
+    ):
+        unpad_traces(batch, mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(LayoutError, match="lengths or the batch's mask"):
+        unpad_traces(batch)
 
 
 def test_unpacking_with_other_lengths_than_the_packing_is_rejected() -> None:

@@ -6,6 +6,7 @@ and applied to anything per-token, token ids `[tokens]` and trace experts
 `[tokens, layers, top_k]` alike, so that every route stays next to its token.
 
     lengths ──pad_plan──────────────▶ [batch, seq]             (right or left padding)
+    mask    ──mask_plan─────────────▶ [batch, seq]             (any layout: verl's)
             ──pack_plan─────────────▶ THD [sum padded]          (cu_seqlens, int32)
             ──MicroBatches.plans────▶ each micro-batch's sequences (fixed or balanced)
             ──context_parallel_plans▶ each CP rank's chunks     (zigzag or contiguous)
@@ -20,6 +21,7 @@ holds every source token once (R2: routes recorded per rank back to the batch).
 from routereplay.align.batch import Piece, ThdPlan, plan_thd
 from routereplay.align.layouts import (
     context_parallel_plans,
+    mask_plan,
     pack_plan,
     pad_plan,
     padded_lengths,
@@ -52,6 +54,7 @@ __all__ = [
     "concat_traces",
     "context_parallel_plans",
     "fixed_micro_batches",
+    "mask_plan",
     "pack_plan",
     "pack_traces",
     "pad_plan",

@@ -53,6 +53,24 @@ def pad_plan(
     return TokenPlan(source.flatten(), rows, int(lengths.sum()), (batch, seq_len))
 
 
+def mask_plan(mask: torch.Tensor) -> TokenPlan:
+    """Sequences `[mask.sum()]` -> a padded batch `[batch, seq]` whose real tokens sit
+    where `mask` (bool `[batch, seq]`, an attention mask) is true, in order: any padding
+    layout, such as verl's left-padded prompt followed by its right-padded response.
+    Row i holds sequence i, `mask[i].sum()` tokens; the other positions read -1.
+    `restore([batch_values], [plan])` takes them back out (unpadding)."""
+    if mask.dtype != torch.bool or mask.ndim != 2:
+        raise LayoutError(
+            f"The mask must be bool [batch, seq] (true at real tokens), found {mask.dtype} "
+            f"{list(mask.shape)}."
+        )
+    mask = mask.cpu()
+    order = mask.flatten().cumsum(0).view(mask.shape) - 1
+    source = torch.where(mask, order, PAD).flatten()
+    rows = torch.full((mask.shape[0],), mask.shape[1], dtype=torch.int64)
+    return TokenPlan(source, rows, int(mask.sum()), tuple(mask.shape))
+
+
 def padded_lengths(lengths: Lengths, multiple: int) -> torch.Tensor:
     """int64 `[sequences]`: each length rounded up to a multiple of `multiple`."""
     check_size(multiple, "multiple")

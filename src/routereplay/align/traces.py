@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from routereplay.align.layouts import pack_plan, pad_plan
+from routereplay.align.layouts import mask_plan, pack_plan, pad_plan
 from routereplay.align.plan import (
     Lengths,
     TokenPlan,
@@ -21,7 +21,7 @@ from routereplay.align.plan import (
     layer_runs,
     restore,
 )
-from routereplay.errors import TraceError
+from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
 from routereplay.trace import RoutingTrace
@@ -58,7 +58,7 @@ def concat_traces(
             )
     found = torch.tensor([trace.experts.shape[0] for trace in traces], dtype=torch.int64)
     if lengths is not None:
-        _check_lengths(as_lengths(lengths), found)
+        _check_lengths(as_lengths(lengths), found, "the lengths say")
     if layers is None:
         return derived(first, torch.cat([trace.experts for trace in traces]), first.layers), found
     kept = layer_runs(first, layers)
@@ -85,32 +85,62 @@ def pad_traces(
     seq_len: int | None = None,
     *,
     side: Literal["right", "left"] = "right",
+    mask: torch.Tensor | None = None,
     layers: Iterable[int] | None = None,
 ) -> RoutingTrace:
     """Per-sequence traces -> a padded batch `[batch, seq_len, layers, top_k]`, -1 rows
-    for padding (see `pad_plan`); over `layers` only when given (one pipeline rank's,
+    for padding (see `pad_plan`), or laid out as the attention `mask [batch, seq]` says
+    (see `mask_plan`); over `layers` only when given (one pipeline rank's,
     `MoELayout.rank_moe_layers`)."""
     flat, lengths = concat_traces(traces, layers=layers)
-    return pad_plan(lengths, seq_len, side=side).apply_trace(flat)
+    if mask is None:
+        return pad_plan(lengths, seq_len, side=side).apply_trace(flat)
+    if seq_len is not None:
+        raise LayoutError("Give seq_len or mask, not both: the mask sets the row length.")
+    plan = mask_plan(mask)
+    _check_lengths(plan.valid_lengths, lengths, "its mask row marks")
+    return plan.apply_trace(flat)
 
 
 def unpad_traces(
-    batch: RoutingTrace, lengths: Lengths, *, side: Literal["right", "left"] = "right"
+    batch: RoutingTrace,
+    lengths: Lengths | None = None,
+    *,
+    side: Literal["right", "left"] = "right",
+    mask: torch.Tensor | None = None,
 ) -> list[RoutingTrace]:
-    """A padded batch `[batch, seq, layers, top_k]` -> per-sequence traces
-    `[lengths[i], layers, top_k]`, dropping the padding rows on `side`."""
-    lengths = as_lengths(lengths)
+    """A padded batch `[batch, seq, layers, top_k]` -> per-sequence traces, dropping the
+    padding: `[lengths[i], layers, top_k]` padded on `side`, or the rows where the
+    attention `mask [batch, seq]` is true."""
     if len(batch.leading_shape) != 2:
         raise TraceError(
             f"A padded batch trace is [batch, seq, layers, top_k]; this one has token axes "
             f"{list(batch.leading_shape)}."
         )
+    if mask is not None and lengths is None:
+        plan = mask_plan(mask)
+    elif lengths is not None and mask is None:
+        plan = _unpadding_plan(batch, lengths, side)
+    else:
+        raise LayoutError("Give the sequences' lengths or the batch's mask (one of them).")
+    if plan.shape != batch.leading_shape:
+        raise TraceError(
+            f"The mask is {list(plan.shape)}; the batch's token axes are "
+            f"{list(batch.leading_shape)}: give the mask of this batch."
+        )
+    flat = derived(batch, restore([batch.experts], [plan]), batch.layers)
+    return split_traces(flat, plan.valid_lengths)
+
+
+def _unpadding_plan(
+    batch: RoutingTrace, lengths: Lengths, side: Literal["right", "left"]
+) -> TokenPlan:
+    lengths = as_lengths(lengths)
     rows, seq_len = batch.leading_shape
     if lengths.numel() != rows:
         raise TraceError(f"The batch has {rows} rows; {lengths.numel()} lengths were given.")
     _check_fits(lengths, seq_len)
-    plan = pad_plan(lengths, seq_len, side=side)
-    return split_traces(derived(batch, restore([batch.experts], [plan]), batch.layers), lengths)
+    return pad_plan(lengths, seq_len, side=side)
 
 
 def pack_traces(
@@ -213,15 +243,18 @@ def stack_stages(stages: Sequence[RoutingTrace], layout: MoELayout | None = None
     return derived(first, experts, layers)
 
 
-def _check_lengths(lengths: torch.Tensor, found: torch.Tensor) -> None:
+def _check_lengths(lengths: torch.Tensor, found: torch.Tensor, said: str) -> None:
     if lengths.numel() != found.numel():
-        raise TraceError(f"{found.numel()} traces were given with {lengths.numel()} lengths.")
+        raise TraceError(
+            f"{found.numel()} traces were given for {lengths.numel()} sequences ({said} "
+            f"{lengths.numel()})."
+        )
     wrong = (lengths != found).nonzero()
     if wrong.numel():
         index = int(wrong[0])
         raise TraceError(
-            f"Sequence {index}'s trace has {int(found[index])} tokens; the lengths say "
-            f"{int(lengths[index])}. Traces and lengths must describe the same sequences."
+            f"Sequence {index}'s trace has {int(found[index])} tokens; {said} "
+            f"{int(lengths[index])}. Traces and layout must describe the same sequences."
         )
 
 
