@@ -22,7 +22,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from routereplay.align.plan import derived
 from routereplay.controller import ReplayController
 from routereplay.errors import ReplayError
 from routereplay.integrations.hf import attach
@@ -237,5 +236,4 @@ def _sequence_routes(
     rows = [prefill.experts[row, padding:]]
     rows += [traces[t + 1].experts[row, -1:] for t in range(completion_len - 1)]
     rows.append(torch.full((1, *prefill.experts.shape[-2:]), NO_ROUTE, dtype=prefill.experts.dtype))
-    # Rows of validated step traces and a -1 row: valid without checking them again.
-    return derived(prefill, torch.cat(rows), prefill.layers)
+    return RoutingTrace(torch.cat(rows), prefill.layers, prefill.num_experts, prefill.source)
