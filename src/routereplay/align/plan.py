@@ -12,7 +12,7 @@ source token once can be undone (`restore`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -159,8 +159,7 @@ class TokenPlan:
         if layers is None:
             return derived(trace, self.apply(rows, PAD), trace.layers)
         kept = layer_runs(trace, layers)
-        parts = [self.apply(rows[:, first:end], PAD) for first, end in kept.runs]
-        experts = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        experts = kept.join(lambda first, end: self.apply(rows[:, first:end], PAD))
         return derived(trace, experts, kept.layers)
 
     def then(self, inner: TokenPlan) -> TokenPlan:
@@ -277,6 +276,12 @@ class LayerRuns(NamedTuple):
 
     layers: tuple[int, ...]
     runs: tuple[tuple[int, int], ...]
+
+    def join(self, take: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        """`take(first, end)` for each run, `[..., run layers, top_k]`, joined on the
+        layer axis: `[..., len(layers), top_k]`."""
+        parts = [take(first, end) for first, end in self.runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
 def layer_runs(trace: RoutingTrace, layers: Iterable[int]) -> LayerRuns:

@@ -62,8 +62,7 @@ def concat_traces(
     if layers is None:
         return derived(first, torch.cat([trace.experts for trace in traces]), first.layers), found
     kept = layer_runs(first, layers)
-    parts = [torch.cat([trace.experts[:, a:b] for trace in traces]) for a, b in kept.runs]
-    experts = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    experts = kept.join(lambda a, b: torch.cat([trace.experts[:, a:b] for trace in traces]))
     return derived(first, experts, kept.layers), found
 
 
@@ -119,15 +118,15 @@ def unpad_traces(
         )
     if mask is not None and lengths is None:
         plan = mask_plan(mask)
+        if plan.shape != batch.leading_shape:
+            raise TraceError(
+                f"The mask is {list(plan.shape)}; the batch's token axes are "
+                f"{list(batch.leading_shape)}: give the mask of this batch."
+            )
     elif lengths is not None and mask is None:
         plan = _unpadding_plan(batch, lengths, side)
     else:
         raise LayoutError("Give the sequences' lengths or the batch's mask (one of them).")
-    if plan.shape != batch.leading_shape:
-        raise TraceError(
-            f"The mask is {list(plan.shape)}; the batch's token axes are "
-            f"{list(batch.leading_shape)}: give the mask of this batch."
-        )
     flat = derived(batch, restore([batch.experts], [plan]), batch.layers)
     return split_traces(flat, plan.valid_lengths)
 
@@ -245,10 +244,7 @@ def stack_stages(stages: Sequence[RoutingTrace], layout: MoELayout | None = None
 
 def _check_lengths(lengths: torch.Tensor, found: torch.Tensor, said: str) -> None:
     if lengths.numel() != found.numel():
-        raise TraceError(
-            f"{found.numel()} traces were given for {lengths.numel()} sequences ({said} "
-            f"{lengths.numel()})."
-        )
+        raise TraceError(f"{found.numel()} traces were given for {lengths.numel()} sequences.")
     wrong = (lengths != found).nonzero()
     if wrong.numel():
         index = int(wrong[0])
