@@ -127,6 +127,7 @@ def test_selecting_sequences_keeps_layers_source_and_ids() -> None:
     assert second.leading_shape == (3,) and second.layers == (5,) and second.source == "vllm"
     assert torch.equal(second.experts, trace.experts[1])
     assert trace.select_tokens(torch.tensor([True, False])).leading_shape == (1, 3)
+    assert trace.select_tokens((1, 0)).equal(trace.select_tokens(torch.tensor([1, 0])))
     with pytest.raises(TraceError, match=r"Index 0 leaves no token axis .*token axes \[3\]"):
         second.select_tokens(0)
 

@@ -183,6 +183,8 @@ class RoutingTrace:
         trace, tokens of a `[tokens, layers, top_k]` one. `index` is a slice, ids or a
         bool mask (the axis stays), or an int (one sequence: the axis goes). Rows of a
         valid trace are valid, so nothing is checked again."""
+        if isinstance(index, Sequence):  # a tuple would index several axes: ids, as one
+            index = torch.as_tensor(list(index), dtype=torch.int64)
         experts = self.experts[index]
         if experts.ndim < 3:
             raise TraceError(
