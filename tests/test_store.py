@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from routereplay import NO_ROUTE, MoELayout, RoutingTrace, TraceError
+from routereplay import NO_ROUTE, MoELayout, Rollout, RoutingTrace, TraceError
 from routereplay.store import TraceFile, TraceFileError, TraceWriter
 
 
@@ -151,7 +151,7 @@ def test_the_file_is_plain_safetensors_readable_without_routereplay(
     assert (tensors["experts"][:7][~routed] == 0).all()  # -1 rows live in the mask
     with safe_open(str(trace_path), framework="numpy") as raw:
         metadata = raw.metadata()
-    assert metadata["format"] == "routereplay.trace" and metadata["format_version"] == "1"
+    assert metadata["format"] == "routereplay.trace" and metadata["format_version"] == "2"
     assert json.loads(metadata["moe_layers"]) == list(hybrid_layout.moe_layers)
     assert (metadata["num_layers"], metadata["num_experts"], metadata["top_k"]) == ("8", "16", "4")
     assert (metadata["source"], metadata["encoding"]) == ("vllm", "compact")
@@ -489,10 +489,10 @@ def test_a_file_written_by_safetensors_itself_reads_back(
 
 
 def test_an_unsupported_format_version_is_named(trace_path: Path) -> None:
-    rewrite_metadata(trace_path, format_version="2")
+    rewrite_metadata(trace_path, format_version="3")
     with pytest.raises(
         TraceFileError,
-        match=r"rollouts\.rr is trace format version 2; this routereplay reads version 1 only",
+        match=r"rollouts\.rr is trace format version 3; this routereplay reads versions 1, 2 \(it writes 2\)",
     ):
         TraceFile(trace_path)
 
@@ -593,3 +593,110 @@ def test_any_layout_and_routes_read_back_exactly(
             assert read.trace(i).equal(trace)
             if tokens is not None:
                 assert read.tokens(i).tolist() == tokens[i].tolist()
+
+
+# -- prompt lengths and sequence ids -------------------------------------------------------
+
+
+def rollout_of(trace: RoutingTrace, index: int, prompt_len: int) -> Rollout:
+    tokens = torch.arange(trace.num_rows) + 100 * index
+    return Rollout(
+        prompt_ids=tokens[:prompt_len],
+        completion_ids=tokens[prompt_len:],
+        routes=trace,
+        sequence_id=f"cmpl-{index}/0",
+    )
+
+
+@pytest.fixture
+def rollouts(three_sequences: list[RoutingTrace]) -> list[Rollout]:
+    return [rollout_of(t, i, min(3, t.num_rows)) for i, t in enumerate(three_sequences)]
+
+
+@pytest.fixture
+def rollout_path(tmp_path: Path, hybrid_layout: MoELayout, rollouts: list[Rollout]) -> Path:
+    with TraceWriter(tmp_path / "rollouts.rr", hybrid_layout, source="vllm") as writer:
+        for rollout in rollouts:
+            writer.append_rollout(rollout)
+    return writer.path
+
+
+def test_rollouts_read_back_with_their_prompt_lengths_and_ids(
+    rollout_path: Path, rollouts: list[Rollout]
+) -> None:
+    with TraceFile(rollout_path) as traces:
+        assert traces.has_prompt_lens and traces.has_sequence_ids
+        for index, rollout in enumerate(rollouts):
+            back = traces.rollout(index)
+            assert back.prompt_ids.tolist() == rollout.prompt_ids.tolist()
+            assert back.completion_ids.tolist() == rollout.completion_ids.tolist()
+            assert back.routes is not None and rollout.routes is not None
+            assert back.routes.equal(rollout.routes)
+            assert back.sequence_id == rollout.sequence_id == traces.sequence_id(index)
+            assert traces.index_of(f"cmpl-{index}/0") == index
+
+
+def test_a_sequence_id_given_twice_is_refused(
+    tmp_path: Path, hybrid_layout: MoELayout, rollouts: list[Rollout]
+) -> None:
+    with TraceWriter(tmp_path / "r.rr", hybrid_layout) as writer:
+        writer.append_rollout(rollouts[0])
+        with pytest.raises(
+            TraceError, match=r"sequence_id 'cmpl-0/0' was given to sequence 0 already"
+        ):
+            second = rollouts[1]
+            assert second.routes is not None
+            writer.append(second.routes, second.token_ids, prompt_len=1, sequence_id="cmpl-0/0")
+        writer.discard()
+
+
+@pytest.mark.parametrize("field", ["prompt_len", "sequence_id"])
+def test_a_fact_given_for_some_sequences_only_is_refused(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace], field: str
+) -> None:
+    value = {"prompt_len": 1, "sequence_id": "a"}[field]
+    with TraceWriter(tmp_path / "r.rr", hybrid_layout) as writer:
+        writer.append(three_sequences[0], **{field: value})  # type: ignore[arg-type]
+        with pytest.raises(TraceError, match=rf"gives no {field}, but the sequences before it did"):
+            writer.append(three_sequences[1])
+        writer.discard()
+
+
+def test_a_prompt_longer_than_its_sequence_is_refused(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    with TraceWriter(tmp_path / "r.rr", hybrid_layout) as writer:
+        with pytest.raises(TraceError, match=r"prompt_len must be an integer in \[1, 7\].*found 8"):
+            writer.append(three_sequences[0], prompt_len=8)
+        writer.discard()
+
+
+def test_a_rollout_without_routes_is_refused(
+    tmp_path: Path, hybrid_layout: MoELayout, rollouts: list[Rollout]
+) -> None:
+    bare = Rollout(rollouts[0].prompt_ids, rollouts[0].completion_ids, routes=None)
+    with TraceWriter(tmp_path / "r.rr", hybrid_layout) as writer:
+        with pytest.raises(TraceError, match=r"is a Rollout without routes: record routes"):
+            writer.append_rollout(bare)
+        writer.discard()
+
+
+@pytest.mark.parametrize("tensor", ["prompt_lens", "sequence_ids"])
+def test_a_changed_prompt_length_or_id_is_caught_by_its_checksum(
+    rollout_path: Path, tensor: str
+) -> None:
+    begin, _ = tensor_bytes(rollout_path, tensor)
+    flip_byte(rollout_path, begin)
+    with pytest.raises(TraceFileError, match=r"is a damaged trace file"):
+        TraceFile(rollout_path)
+
+
+def test_a_version_1_file_without_prompt_lengths_or_ids_still_reads(
+    trace_path: Path, three_sequences: list[RoutingTrace]
+) -> None:
+    rewrite_metadata(trace_path, format_version="1")
+    with TraceFile(trace_path) as traces:
+        assert not traces.has_prompt_lens and not traces.has_sequence_ids
+        assert all(a.equal(b) for a, b in zip(traces, three_sequences, strict=True))
+        with pytest.raises(TraceFileError, match=r"holds no prompt lengths"):
+            traces.prompt_len(0)

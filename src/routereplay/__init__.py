@@ -11,6 +11,7 @@ from routereplay.errors import (
 from routereplay.integrations.hf import attach
 from routereplay.layout import MoELayout
 from routereplay.recording import Recording, Tokens
+from routereplay.rollout import Rollout
 from routereplay.routing import RouterScores, RouterSpec, Routing, gate_weights, native_ids, select
 from routereplay.store import TraceFile, TraceWriter
 from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
@@ -26,6 +27,7 @@ __all__ = [
     "Recording",
     "ReplayController",
     "ReplayError",
+    "Rollout",
     "RouteReplayError",
     "RouterScores",
     "RouterSpec",

@@ -27,7 +27,7 @@ from torch import nn
 from routereplay.align import pad_traces
 from routereplay.controller import LayerStats, ReplayController
 from routereplay.demo.task import EOS, PAD, SortDigits
-from routereplay.engines.hf import RecordingEngine, Rollout, SamplingParams
+from routereplay.engines.hf import RecordingEngine, SamplingParams
 from routereplay.integrations.hf import attach
 from routereplay.metrics import (
     LogProbMismatch,
@@ -35,6 +35,7 @@ from routereplay.metrics import (
     logprob_mismatch,
     routing_agreement,
 )
+from routereplay.rollout import Rollout
 from routereplay.trace import NO_ROUTE, RoutingTrace
 
 Mode = Literal["none", "R2", "R3"]
@@ -87,6 +88,8 @@ class TrainerBatch:
             attention_mask[row, :total] = 1
             prompt_tokens[row, :prompt] = True
             completion_mask[row, prompt - 1 : total - 1] = True
+            if rollout.logprobs is None:
+                raise ValueError("The demo's importance ratios need the engine's log-probs.")
             rollout_logprobs[row, prompt - 1 : total - 1] = rollout.logprobs
         traces = [r.routes for r in rollouts]
         if any(t is None for t in traces):

@@ -17,7 +17,7 @@ import copy
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from routereplay.controller import ReplayController
 from routereplay.errors import ReplayError
 from routereplay.integrations.hf import attach
 from routereplay.recording import Recording
+from routereplay.rollout import Rollout
 from routereplay.trace import NO_ROUTE, RoutingTrace
 
 
@@ -48,27 +49,6 @@ class SamplingParams:
                 f"temperature must be >= 0 and top_p in (0, 1], found {self.temperature}, "
                 f"{self.top_p}."
             )
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """One sampled sequence.
-
-    prompt_ids `[prompt_len]`, completion_ids `[completion_len]` (int64), logprobs
-    `[completion_len]` (float32), routes `[prompt_len + completion_len, layers, top_k]`
-    (None when generated with `record_routes=False`).
-    """
-
-    prompt_ids: torch.Tensor
-    completion_ids: torch.Tensor
-    logprobs: torch.Tensor
-    routes: RoutingTrace | None
-    finish_reason: Literal["stop", "length"]
-
-    @property
-    def token_ids(self) -> torch.Tensor:
-        """`[prompt_len + completion_len]`: the rows of `routes`, in order."""
-        return torch.cat([self.prompt_ids, self.completion_ids])
 
 
 class RecordingEngine:

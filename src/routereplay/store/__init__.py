@@ -3,11 +3,12 @@
 Rollouts stream in one sequence at a time (`TraceWriter.append`); the trainer reads
 one sequence at a time (`TraceFile.trace(i)`), touching only that sequence's bytes.
 
-Format, version 1. A safetensors file (8-byte little-endian header length, JSON
-header, tensor bytes) whose `__metadata__` carries everything needed to read it:
+Format, version 2 (version 1 is the same without prompt lengths and sequence ids). A
+safetensors file (8-byte little-endian header length, JSON header, tensor bytes)
+whose `__metadata__` carries everything needed to read it:
 
     format            "routereplay.trace"
-    format_version    "1"
+    format_version    "2"
     num_layers        decoder layers of the model, e.g. "61"
     moe_layers        JSON list of the routed (global, 0-based) decoder layers: the
                       layer axis of every stored sequence, e.g. "[3, 4, ..., 60]"
@@ -21,17 +22,29 @@ header, tensor bytes) whose `__metadata__` carries everything needed to read it:
     num_tokens        T, summed over all sequences
     offsets_crc32     zlib.crc32 of the `offsets` tensor's bytes
     checksums_crc32   zlib.crc32 of the `checksums` tensor's bytes
+    prompt_lens_crc32    zlib.crc32 of `prompt_lens`, when the file holds it
+    sequence_ids_crc32   zlib.crc32 of `sequence_id_offsets` then `sequence_ids`, when
+                         the file holds them
 
 Tensors, in file order (L = len(moe_layers), k = top_k):
 
     offsets    I64 [S + 1]   token offsets: sequence i is tokens offsets[i]:offsets[i+1]
+    sequence_id_offsets
+               I64 [S + 1]   byte offsets of sequence i's id in `sequence_ids`
     checksums  U32 [S]       zlib.crc32 of sequence i's experts, routed and tokens bytes
+    prompt_lens
+               I32 [S]       sequence i's prompt length: tokens before its completion
     tokens     I32 [T]       token ids, only when every appended sequence gave them
     experts    compact: U8 / U16 / U32 [T, L, k] (up to 256 / 65536 / more experts)
                packed:  U8 [bytes], each sequence's T_i*L*k ids at bits_per_id bits,
                         most significant bit first, zero-padded to a whole byte
     routed     U8 [bytes]    each sequence's `[T_i, L]` routed mask, np.packbits,
                              zero-padded to a whole byte; 0 = no route (-1 row)
+    sequence_ids
+               U8 [bytes]    UTF-8 ids (request id and choice, or a user's uid), unique
+
+`prompt_lens`, `sequence_id_offsets` and `sequence_ids` are there only when every
+appended sequence gave them, like `tokens`.
 
 Ids of -1 rows are stored as 0: with 256 experts every 8-bit value is an expert, so
 "no route" lives in the mask. The mask and the packed ids are padded per sequence so

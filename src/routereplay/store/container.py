@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,9 @@ from routereplay.layout import MoELayout
 from routereplay.store.codec import Codec
 
 FORMAT = "routereplay.trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 is version 2 without prompt lengths and sequence ids: read both.
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class Sizes:
     id_bytes: int
     mask_bytes: int
     has_tokens: bool
+    has_prompt_lens: bool = False
+    sequence_id_bytes: int | None = None  # None: the file holds no sequence ids
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,13 @@ NUMPY_DTYPES = {"U8": "<u1", "U16": "<u2", "U32": "<u4", "I32": "<i4", "I64": "<
 
 def tensor_specs(codec: Codec, sizes: Sizes) -> list[TensorSpec]:
     """The tensors of a trace file, in file order (widest alignment first)."""
-    specs = [
-        TensorSpec("offsets", "I64", (sizes.sequences + 1,), 8 * (sizes.sequences + 1)),
-        TensorSpec("checksums", "U32", (sizes.sequences,), 4 * sizes.sequences),
-    ]
+    index = (sizes.sequences + 1,), 8 * (sizes.sequences + 1)
+    specs = [TensorSpec("offsets", "I64", *index)]
+    if sizes.sequence_id_bytes is not None:
+        specs.append(TensorSpec("sequence_id_offsets", "I64", *index))
+    specs.append(TensorSpec("checksums", "U32", (sizes.sequences,), 4 * sizes.sequences))
+    if sizes.has_prompt_lens:
+        specs.append(TensorSpec("prompt_lens", "I32", (sizes.sequences,), 4 * sizes.sequences))
     if sizes.has_tokens:
         specs.append(TensorSpec("tokens", "I32", (sizes.tokens,), 4 * sizes.tokens))
     if codec.encoding == "compact":
@@ -58,7 +66,22 @@ def tensor_specs(codec: Codec, sizes: Sizes) -> list[TensorSpec]:
     else:
         specs.append(TensorSpec("experts", "U8", (sizes.id_bytes,), sizes.id_bytes))
     specs.append(TensorSpec("routed", "U8", (sizes.mask_bytes,), sizes.mask_bytes))
+    if sizes.sequence_id_bytes is not None:
+        size = sizes.sequence_id_bytes
+        specs.append(TensorSpec("sequence_ids", "U8", (size,), size))
     return specs
+
+
+def fact_checksums(facts: dict[str, bytes]) -> dict[str, str]:
+    """The metadata checksums of the per-sequence facts a file holds: `prompt_lens_crc32`
+    and `sequence_ids_crc32` (over `sequence_id_offsets`, then `sequence_ids`)."""
+    checksums = {}
+    if "prompt_lens" in facts:
+        checksums["prompt_lens_crc32"] = str(zlib.crc32(facts["prompt_lens"]))
+    if "sequence_ids" in facts:
+        crc = zlib.crc32(facts["sequence_ids"], zlib.crc32(facts["sequence_id_offsets"]))
+        checksums["sequence_ids_crc32"] = str(crc)
+    return checksums
 
 
 def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:

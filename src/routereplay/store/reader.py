@@ -3,6 +3,7 @@ and verifies one sequence at a time."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import zlib
 from collections.abc import Iterator
@@ -17,12 +18,14 @@ from safetensors import SafetensorError, safe_open
 from routereplay.errors import LayoutError, TraceError, TraceFileError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
+from routereplay.rollout import Rollout
 from routereplay.store.codec import ENCODINGS, Bytes, Codec, sequence_crc
 from routereplay.store.container import (
     FINGERPRINT_WORDS,
     FORMAT,
     FORMAT_VERSION,
     NUMPY_DTYPES,
+    READABLE_VERSIONS,
     HeaderFields,
     Sizes,
     TensorSpec,
@@ -118,6 +121,51 @@ class TraceFile:
                 f"(was it written by another tool?): {error}"
             ) from None
 
+    @property
+    def has_prompt_lens(self) -> bool:
+        return self._prompt_lens is not None
+
+    @property
+    def has_sequence_ids(self) -> bool:
+        return self._sequence_ids is not None
+
+    def prompt_len(self, index: int) -> int:
+        """Sequence `index`'s prompt length: its tokens before the completion."""
+        index = self._index(index)
+        if self._prompt_lens is None:
+            raise TraceFileError(
+                f"{self.path} holds no prompt lengths: none were given to TraceWriter.append."
+            )
+        return int(self._prompt_lens[index])
+
+    def sequence_id(self, index: int) -> str:
+        """Sequence `index`'s id: the engine's request id and choice, or a user's uid."""
+        index = self._index(index)
+        if self._sequence_ids is None:
+            raise TraceFileError(
+                f"{self.path} holds no sequence ids: none were given to TraceWriter.append."
+            )
+        return self._sequence_ids[index]
+
+    def index_of(self, sequence_id: str) -> int:
+        """The index of the sequence named `sequence_id`."""
+        if self._sequence_ids is None:
+            raise TraceFileError(f"{self.path} holds no sequence ids to look {sequence_id!r} up.")
+        if sequence_id not in self._index_of:
+            raise TraceFileError(f"{self.path} holds no sequence with id {sequence_id!r}.")
+        return self._index_of[sequence_id]
+
+    def rollout(self, index: int) -> Rollout:
+        """Sequence `index` as a `Rollout`: its token ids split at its prompt length, its
+        routes and id. Needs a file written with token ids and prompt lengths."""
+        tokens, prompt_len = self.tokens(index).long(), self.prompt_len(index)
+        return Rollout(
+            prompt_ids=tokens[:prompt_len],
+            completion_ids=tokens[prompt_len:],
+            routes=self.trace(index),
+            sequence_id=self.sequence_id(index) if self.has_sequence_ids else None,
+        )
+
     def tokens(self, index: int) -> torch.Tensor:
         """Sequence `index`'s token ids: int32 `[tokens]`."""
         index = self._index(index)
@@ -181,10 +229,11 @@ class TraceFile:
                 f"{', '.join(sorted(self._handle.keys())[:6]) or 'none'})."
             )
         version = metadata.get("format_version")
-        if version != str(FORMAT_VERSION):
+        if version not in [str(v) for v in READABLE_VERSIONS]:
             raise TraceFileError(
                 f"{self.path} is trace format version {version}; this routereplay reads "
-                f"version {FORMAT_VERSION} only. Read it with the routereplay that wrote it."
+                f"versions {', '.join(map(str, READABLE_VERSIONS))} (it writes "
+                f"{FORMAT_VERSION}). Read it with the routereplay that wrote it."
             )
         fields = HeaderFields(metadata, self._damaged)
         try:
@@ -227,12 +276,18 @@ class TraceFile:
         self._offsets = offsets
         self._id_starts = np.concatenate([[0], np.cumsum(id_bytes)])
         self._mask_starts = np.concatenate([[0], np.cumsum(mask_bytes)])
+        id_bytes_total = None
+        if "sequence_ids" in names:
+            view = self._handle.get_slice("sequence_ids")
+            id_bytes_total = int(view.get_shape()[0]) if len(view.get_shape()) == 1 else -1
         sizes = Sizes(
             sequences,
             tokens,
             int(self._id_starts[-1]),
             int(self._mask_starts[-1]),
             self._has_tokens,
+            has_prompt_lens="prompt_lens" in names,
+            sequence_id_bytes=id_bytes_total,
         )
         specs = tensor_specs(self._codec, sizes)
         expected = {spec.name for spec in specs}
@@ -242,6 +297,39 @@ class TraceFile:
             self._check_tensor(spec)
         self._checksums = self._handle.get_tensor("checksums")
         self._check_crc("checksums", self._checksums, fields.integer("checksums_crc32"))
+        self._read_facts(fields, sizes)
+
+    def _read_facts(self, fields: HeaderFields, sizes: Sizes) -> None:
+        """Prompt lengths and sequence ids, checksummed and checked against the index."""
+        self._prompt_lens: np.ndarray[Any, Any] | None = None
+        self._sequence_ids: list[str] | None = None
+        if sizes.has_prompt_lens:
+            lengths = self._handle.get_tensor("prompt_lens")
+            self._check_crc("prompt_lens", lengths, fields.integer("prompt_lens_crc32"))
+            bad = (lengths < 1) | (lengths > np.diff(self._offsets))
+            if bad.any():
+                index = int(bad.argmax())
+                raise self._damaged(
+                    f"sequence {index}'s prompt_len {int(lengths[index])} is not within its "
+                    f"{self.num_tokens(index)} tokens"
+                )
+            self._prompt_lens = lengths
+        if sizes.sequence_id_bytes is not None:
+            ends = self._handle.get_tensor("sequence_id_offsets")
+            raw = self._handle.get_tensor("sequence_ids").tobytes()
+            crc = zlib.crc32(raw, zlib.crc32(np.ascontiguousarray(ends).data))
+            if crc != fields.integer("sequence_ids_crc32"):
+                raise self._damaged("the sequence ids do not match their checksum")
+            if ends[0] != 0 or (np.diff(ends) < 0).any() or ends[-1] != len(raw):
+                raise self._damaged("the sequence id offsets do not rise from 0 to its bytes")
+            try:
+                ids = [raw[a:b].decode() for a, b in itertools.pairwise(ends.tolist())]
+            except UnicodeDecodeError:
+                raise self._damaged("a sequence id is not UTF-8") from None
+            self._index_of = {sequence_id: i for i, sequence_id in enumerate(ids)}
+            if len(self._index_of) != len(ids):
+                raise self._damaged("two sequences share an id")
+            self._sequence_ids = ids
 
     def _check_tensor(self, spec: TensorSpec) -> None:
         if spec.name not in self._handle.keys():  # noqa: SIM118 (not a dict)

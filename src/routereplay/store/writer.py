@@ -19,11 +19,13 @@ import torch
 from routereplay.errors import TraceError, TraceFileError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
+from routereplay.rollout import Rollout
 from routereplay.store.codec import Codec, Encoding, sequence_crc
 from routereplay.store.container import (
     FORMAT,
     FORMAT_VERSION,
     Sizes,
+    fact_checksums,
     safetensors_header,
     tensor_specs,
 )
@@ -73,6 +75,11 @@ class TraceWriter:
         self._id_bytes = 0
         self._mask_bytes = 0
         self._has_tokens: bool | None = None  # decided by the first append
+        # Small per-sequence facts, kept in memory until close: [S] each, or None when
+        # the sequences give none (decided by the first append, like token ids).
+        self._prompt_lens: list[int] | None = None
+        self._sequence_ids: list[str] | None = None
+        self._id_index: dict[str, int] = {}
         self._offsets_crc = zlib.crc32(struct.pack("<q", 0))
         self._checksums_crc = zlib.crc32(b"")
 
@@ -93,14 +100,23 @@ class TraceWriter:
         else:
             self.discard()
 
-    def append(self, trace: RoutingTrace, tokens: TokenIds | None = None) -> None:
-        """Add one sequence: `trace [tokens, moe_layers, top_k]`, `tokens [tokens]` ids.
+    def append(
+        self,
+        trace: RoutingTrace,
+        tokens: TokenIds | None = None,
+        *,
+        prompt_len: int | None = None,
+        sequence_id: str | None = None,
+    ) -> None:
+        """Add one sequence: `trace [tokens, moe_layers, top_k]`, `tokens [tokens]` ids,
+        its `prompt_len` (tokens before the completion) and a unique `sequence_id`.
 
-        Token ids are optional, but a file holds them for every sequence or for none.
+        Each is optional, but a file holds it for every sequence or for none.
         """
         spill = self._open_spill()
         experts = self._check_trace(trace)
         token_ids = self._check_tokens(tokens, len(experts))
+        self._check_facts(prompt_len, sequence_id, len(experts))
         ids, mask = self._codec.encode(experts)
         token_bytes = None if token_ids is None else token_ids.view(np.uint8)
         crc = sequence_crc(ids, mask, token_bytes)
@@ -119,8 +135,25 @@ class TraceWriter:
         self._id_bytes += len(ids)
         self._mask_bytes += len(mask)
         self._has_tokens = token_ids is not None
+        self._add_facts(prompt_len, sequence_id)
         self._offsets_crc = zlib.crc32(struct.pack("<q", self._tokens), self._offsets_crc)
         self._checksums_crc = zlib.crc32(struct.pack("<I", crc), self._checksums_crc)
+
+    def append_rollout(self, rollout: Rollout) -> None:
+        """Add one engine `Rollout`: its routes, token ids, prompt length and id."""
+        if not isinstance(rollout, Rollout) or rollout.routes is None:
+            found = "a Rollout without routes" if isinstance(rollout, Rollout) else "not a Rollout"
+            raise TraceError(
+                f"Sequence {self._sequences} appended to {self.path} is {found}: record "
+                "routes on the engine (vLLM --enable-return-routed-experts, SGLang "
+                "return_routed_experts, RecordingEngine(record_routes=True))."
+            )
+        self.append(
+            rollout.routes,
+            rollout.token_ids,
+            prompt_len=rollout.prompt_len,
+            sequence_id=rollout.sequence_id,
+        )
 
     def close(self) -> None:
         """Write the trace file (atomically) and remove the spill file. Idempotent."""
@@ -215,7 +248,60 @@ class TraceWriter:
             )
         return array.astype("<i4")
 
-    def _metadata(self) -> dict[str, str]:
+    def _check_facts(self, prompt_len: int | None, sequence_id: str | None, count: int) -> None:
+        where = f"Sequence {self._sequences} appended to {self.path}"
+        for name, value, held in (
+            ("a prompt_len", prompt_len, self._prompt_lens),
+            ("a sequence_id", sequence_id, self._sequence_ids),
+        ):
+            if self._sequences and (value is None) != (held is None):
+                raise TraceError(
+                    f"{where} {'gives' if value is not None else 'gives no'} {name[2:]}, but "
+                    f"the sequences before it {'gave none' if held is None else 'did'}: a "
+                    f"trace file holds {name[2:]} for every sequence or for none."
+                )
+        if prompt_len is not None and (
+            not isinstance(prompt_len, int)
+            or isinstance(prompt_len, bool)
+            or not 1 <= prompt_len <= count
+        ):
+            raise TraceError(
+                f"{where}: prompt_len must be an integer in [1, {count}] (a prompt holds at "
+                f"least one of the sequence's tokens), found {prompt_len!r}."
+            )
+        if sequence_id is not None:
+            if not isinstance(sequence_id, str):
+                raise TraceError(
+                    f"{where}: sequence_id must be a string, found {type(sequence_id).__name__}."
+                )
+            if sequence_id in self._id_index:
+                raise TraceError(
+                    f"{where}: sequence_id {sequence_id!r} was given to sequence "
+                    f"{self._id_index[sequence_id]} already; ids name one sequence each."
+                )
+
+    def _add_facts(self, prompt_len: int | None, sequence_id: str | None) -> None:
+        if prompt_len is not None:
+            self._prompt_lens = self._prompt_lens if self._prompt_lens is not None else []
+            self._prompt_lens.append(prompt_len)
+        if sequence_id is not None:
+            self._id_index[sequence_id] = self._sequences - 1
+            self._sequence_ids = self._sequence_ids if self._sequence_ids is not None else []
+            self._sequence_ids.append(sequence_id)
+
+    def _fact_tensors(self) -> dict[str, bytes]:
+        """The bytes of `prompt_lens`, `sequence_id_offsets` and `sequence_ids`, as held."""
+        tensors = {}
+        if self._prompt_lens is not None:
+            tensors["prompt_lens"] = np.asarray(self._prompt_lens, dtype="<i4").tobytes()
+        if self._sequence_ids is not None:
+            encoded = [i.encode() for i in self._sequence_ids]
+            ends = np.cumsum([0, *(len(i) for i in encoded)], dtype="<i8")
+            tensors["sequence_id_offsets"] = ends.tobytes()
+            tensors["sequence_ids"] = b"".join(encoded)
+        return tensors
+
+    def _metadata(self, facts: dict[str, bytes]) -> dict[str, str]:
         fingerprint = self.layout.fingerprint
         return {
             "format": FORMAT,
@@ -232,18 +318,28 @@ class TraceWriter:
             "num_tokens": str(self._tokens),
             "offsets_crc32": str(self._offsets_crc),
             "checksums_crc32": str(self._checksums_crc),
-        }
+        } | fact_checksums(facts)
 
-    def _sizes(self) -> Sizes:
+    def _sizes(self, facts: dict[str, bytes]) -> Sizes:
+        ids = facts.get("sequence_ids")
         return Sizes(
-            self._sequences, self._tokens, self._id_bytes, self._mask_bytes, bool(self._has_tokens)
+            self._sequences,
+            self._tokens,
+            self._id_bytes,
+            self._mask_bytes,
+            bool(self._has_tokens),
+            has_prompt_lens="prompt_lens" in facts,
+            sequence_id_bytes=None if ids is None else len(ids),
         )
 
     def _write_file(self, out: IO[bytes]) -> None:
-        specs = tensor_specs(self._codec, self._sizes())
-        out.write(safetensors_header(specs, self._metadata()))
+        facts = self._fact_tensors()
+        specs = tensor_specs(self._codec, self._sizes(facts))
+        out.write(safetensors_header(specs, self._metadata(facts)))
         for spec in specs:
-            if spec.name == "offsets":
+            if spec.name in facts:
+                out.write(facts[spec.name])
+            elif spec.name == "offsets":
                 out.write(struct.pack("<q", 0))
                 total = 0
                 for tokens, _, _ in self._records():
