@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import vllm_fixtures
 from engine_payloads import all_layers, openai_choice, routed_ids, sglang_meta_info
 
 from routereplay import MoELayout
@@ -33,21 +34,25 @@ def config(tmp_path: Path) -> Path:
 
 
 def vllm_response(prompt_len: int, completions: list[int], seed: int) -> tuple[dict, list]:
-    """An OpenAI-compatible response with token ids and one choice per completion."""
+    """A vLLM /v1/completions response with token ids and one choice per completion."""
     prompt = list(range(1, prompt_len + 1))
     choices, expected = [], []
     for index, n in enumerate(completions):
         routed = routed_ids(LAYOUT, prompt_len + n - 1, seed=seed + index)
         tokens = list(range(100, 100 + n))
-        choices.append(openai_choice(all_layers(LAYOUT, routed), index=index, token_ids=tokens))
+        choices.append(
+            openai_choice(
+                all_layers(LAYOUT, routed), index=index, token_ids=tokens, prompt_token_ids=prompt
+            )
+        )
         expected.append((prompt + tokens, routed))
-    return {"id": "cmpl-1", "prompt_token_ids": prompt, "choices": choices}, expected
+    return {"id": f"cmpl-{seed}", "object": "text_completion", "choices": choices}, expected
 
 
 def sglang_response(prompt_len: int, n: int, seed: int) -> tuple[dict, tuple]:
     routed = routed_ids(LAYOUT, prompt_len + n - 1, seed=seed)
     prompt, output = list(range(1, prompt_len + 1)), list(range(200, 200 + n))
-    meta = sglang_meta_info(all_layers(LAYOUT, routed, dtype=np.int32))
+    meta = sglang_meta_info(all_layers(LAYOUT, routed, dtype=np.int32), id=f"req-{seed}")
     return {"input_ids": prompt, "output_ids": output, "meta_info": meta}, (prompt + output, routed)
 
 
@@ -101,7 +106,7 @@ def test_a_bad_line_names_itself_exits_2_and_leaves_no_file(
     out = tmp_path / "traces.rr"
     args = ["import", "sglang", str(payloads), "--config", str(config), "-o", str(out)]
     assert main(args) == EXIT_BAD_INPUT
-    assert "sglang sequence 'line 2': found 6 rows, 1 row more than expected" in (
+    assert "sglang sequence 'line 2 (req-2)': found 6 rows, 1 row more than expected" in (
         capsys.readouterr().err
     )
     assert not out.exists()
@@ -111,10 +116,34 @@ def test_a_bad_line_names_itself_exits_2_and_leaves_no_file(
     ("line", "message"),
     [
         ("{not json", "line 1 is not JSON"),
-        (json.dumps({"choices": []}), "line 1: prompt_token_ids must be a list of token ids"),
+        (json.dumps({"choices": []}), "line 1 is not a vLLM server response"),
         (
-            json.dumps({"prompt_token_ids": [1, 2], "choices": [{"token_ids": [3]}]}),
-            "the choice has no routed_experts",
+            json.dumps(
+                {
+                    "object": "text_completion",
+                    "choices": [{"index": 0, "finish_reason": "length", "token_ids": [3]}],
+                }
+            ),
+            "line 1, choice 0: choice prompt_token_ids must be a list of token ids, found "
+            "NoneType: send return_token_ids: true",
+        ),
+        (
+            json.dumps(
+                {
+                    "object": "text_completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "length",
+                            "prompt_token_ids": [1, 2],
+                            "token_ids": [3],
+                            "routed_experts": None,
+                        }
+                    ],
+                }
+            ),
+            "line 1, choice 0 has no routed_experts: start the server with routed-experts "
+            "capture enabled (`vllm serve ... --enable-return-routed-experts`)",
         ),
     ],
 )
@@ -138,3 +167,66 @@ def test_a_config_of_another_model_is_caught_by_the_dense_layer_check(
     args = ["import", "vllm", str(payloads), "--config", str(other), "-o", str(tmp_path / "o")]
     assert main(args) == EXIT_BAD_INPUT
     assert "layer 2, holds expert ids" in capsys.readouterr().err
+
+
+# -- the real vLLM 0.32.0 payloads, whole files ------------------------------------------
+
+
+@pytest.mark.parametrize("model", vllm_fixtures.MODELS)
+def test_every_real_vllm_response_imports_with_its_token_ids(
+    tmp_path: Path, model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = vllm_fixtures.FIXTURES / "models" / model / "config.json"
+    out = tmp_path / "rollouts.rr"
+    payloads = vllm_fixtures.server_path(model)
+    assert main(["import", "vllm", str(payloads), "--config", str(config), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json", "--sequences"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    expected = [
+        c for line in vllm_fixtures.server_lines(model) for c in vllm_fixtures.choices(line)
+    ]
+    assert report["sequences"] == len(expected) == 18
+    assert report["has_tokens"] and report["has_prompt_lens"] and report["has_sequence_ids"]
+    listed = report["sequence_list"]
+    assert [s["token_ids"] for s in listed] == [c.prompt + c.completion for c in expected]
+    assert [s["prompt_len"] for s in listed] == [len(c.prompt) for c in expected]
+    assert len({s["id"] for s in listed}) == len(listed)
+    with TraceFile(out) as traces:
+        rollout = traces.rollout(0)
+        assert rollout.prompt_ids.tolist() == expected[0].prompt
+        assert traces.index_of(listed[5]["id"]) == 5
+
+
+def test_an_existing_output_is_kept_unless_forced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = "qwen3moe_mid_dense"
+    config = vllm_fixtures.FIXTURES / "models" / model / "config.json"
+    out = tmp_path / "rollouts.rr"
+    out.write_bytes(b"precious")
+    args = ["import", "vllm", str(vllm_fixtures.server_path(model)), "--config", str(config)]
+    assert main([*args, "-o", str(out)]) == EXIT_BAD_INPUT
+    assert "rollouts.rr exists; pass --force to overwrite it" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    assert main([*args, "-o", str(out), "--force"]) == EXIT_OK
+    with TraceFile(out) as traces:
+        assert len(traces) == 18
+
+
+def test_a_bad_real_line_names_the_line_and_its_case(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = "dsv3_300e"
+    lines = vllm_fixtures.server_lines(model)
+    generate = next(x for x in lines if x["case"] == "tito_generate")
+    without_request = {**generate, "request": None}  # its prompt was in the request
+    payloads = write_lines(tmp_path / "bad.jsonl", [lines[0], without_request])
+    config = vllm_fixtures.FIXTURES / "models" / model / "config.json"
+    out = tmp_path / "o.rr"
+    args = ["import", "vllm", str(payloads), "--config", str(config), "-o", str(out)]
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("routereplay import: line 2 (case 'tito_generate'): this ")
+    assert "pass the request too" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -231,63 +231,6 @@ def test_an_openai_choice_decodes_npy_base64(layout: MoELayout) -> None:
     assert np.array_equal(ids(trace), expected_experts(layout, routed, PROMPT + COMPLETION, 0))
 
 
-def test_response_level_prompt_rows_come_before_the_choices_own() -> None:
-    rows = vllm_rows()
-    choice = openai_choice(rows[PROMPT:])  # newer vLLM: completion rows only
-    trace = vllm.from_openai_choice(
-        choice,
-        DENSE_PREFIX,
-        prompt_len=PROMPT,
-        completion_len=COMPLETION,
-        prompt_routed_experts=npy_base64(rows[:PROMPT]),
-    )
-    assert trace.equal(decode_vllm(rows))
-
-
-def test_prompt_rows_inside_the_choice_are_used_too() -> None:
-    rows = vllm_rows()
-    choice = openai_choice(rows[PROMPT:], prompt_routed_experts=npy_base64(rows[:PROMPT]))
-    trace = vllm.from_openai_choice(
-        choice, DENSE_PREFIX, prompt_len=PROMPT, completion_len=COMPLETION
-    )
-    assert trace.equal(decode_vllm(rows))
-
-
-def test_completion_rows_without_the_split_out_prompt_rows_say_where_those_are() -> None:
-    choice = openai_choice(vllm_rows()[PROMPT:])
-    with pytest.raises(
-        TraceError,
-        match=r"routed_experts holds 2 rows, exactly the completion's own .*Pass them as prompt_routed_experts \(server: response\['prompt_routed_experts'\]",
-    ):
-        vllm.from_openai_choice(choice, DENSE_PREFIX, prompt_len=PROMPT, completion_len=COMPLETION)
-
-
-def test_a_one_token_completion_has_only_prompt_rows() -> None:
-    # Its only token is the final one, so vLLM's completion part is empty (null).
-    rows = vllm_rows(rows=PROMPT)
-    choice = {"index": 0, "routed_experts": None}
-    trace = vllm.from_openai_choice(
-        choice,
-        DENSE_PREFIX,
-        prompt_len=PROMPT,
-        completion_len=1,
-        prompt_routed_experts=npy_base64(rows),
-    )
-    assert ids(trace)[:PROMPT].tolist() == rows[:, 2:].tolist()
-    assert (ids(trace)[PROMPT] == NO_ROUTE).all()
-
-
-def test_prompt_start_is_read_from_the_choice() -> None:
-    routed = routed_ids(DENSE_PREFIX, ROWS - 3)
-    choice = openai_choice(all_layers(DENSE_PREFIX, routed), routed_experts_prompt_start=3)
-    trace = vllm.from_openai_choice(
-        choice, DENSE_PREFIX, prompt_len=PROMPT, completion_len=COMPLETION
-    )
-    assert np.array_equal(
-        ids(trace), expected_experts(DENSE_PREFIX, routed, PROMPT + COMPLETION, 3)
-    )
-
-
 def test_prompt_start_may_be_passed_from_the_request() -> None:
     routed = routed_ids(DENSE_PREFIX, ROWS - 3)
     choice = openai_choice(all_layers(DENSE_PREFIX, routed))
@@ -299,20 +242,10 @@ def test_prompt_start_may_be_passed_from_the_request() -> None:
     )
 
 
-def test_conflicting_prompt_starts_are_refused() -> None:
-    choice = openai_choice(vllm_rows(rows=ROWS - 3), routed_experts_prompt_start=3)
-    with pytest.raises(
-        TraceError, match=r"the choice says routed_experts_prompt_start=3 but prompt_start=2"
-    ):
-        vllm.from_openai_choice(
-            choice, DENSE_PREFIX, prompt_len=PROMPT, completion_len=COMPLETION, prompt_start=2
-        )
-
-
 def test_a_choice_without_routes_says_how_to_enable_capture() -> None:
     with pytest.raises(
         TraceError,
-        match=r"^vllm sequence 1: the choice has no routed_experts: start the server with routed-experts capture enabled .*--enable-return-routed-experts.*the request asks",
+        match=r"^vllm sequence 1: the choice has no routed_experts: start the server with routed-experts capture enabled .*--enable-return-routed-experts",
     ):
         vllm.from_openai_choice(
             {"index": 0, "message": {}},
@@ -353,21 +286,6 @@ def test_a_pickled_npy_is_never_loaded() -> None:
     choice = {"routed_experts": base64.b64encode(buffer.getvalue()).decode()}
     with pytest.raises(TraceError, match=r"not a \.npy array \(Object arrays cannot be loaded"):
         vllm.from_openai_choice(choice, DENSE_PREFIX, prompt_len=PROMPT, completion_len=COMPLETION)
-
-
-def test_prompt_and_completion_parts_of_different_widths_are_refused() -> None:
-    rows = vllm_rows()
-    choice = openai_choice(rows[PROMPT:, 2:])  # routed-only next to an all-layer prompt part
-    with pytest.raises(
-        TraceError, match=r"shape \(5, 6, 4\) and completion rows of shape \(2, 4, 4\) do not stack"
-    ):
-        vllm.from_openai_choice(
-            choice,
-            DENSE_PREFIX,
-            prompt_len=PROMPT,
-            completion_len=COMPLETION,
-            prompt_routed_experts=npy_base64(rows[:PROMPT]),
-        )
 
 
 # -- SGLang ------------------------------------------------------------------------------
@@ -630,17 +548,19 @@ def test_vllm_openai_round_trip(
 ) -> None:
     layout, trace, prompt_len, completion_len, start = case
     rows = engine_rows(layout, trace, start)
-    prompt_rows = prompt_len - start  # newer vLLM: the prompt part, then the completion's
-    choice: dict[str, object] = {"routed_experts_prompt_start": start}
-    if split and 0 < prompt_rows < len(rows):
-        choice |= {
-            "prompt_routed_experts": npy_base64(rows[:prompt_rows]),
-            "routed_experts": npy_base64(rows[prompt_rows:]),
-        }
+    prompt_rows = prompt_len - start
+    if split and start == 0:  # vLLM 0.21.0: the prompt's rows at the response level
+        choice = {"routed_experts": rows[prompt_rows:].tolist() or None}
+        prompt_routed_experts = rows[:prompt_rows].tolist()
     else:
-        choice["routed_experts"] = npy_base64(rows)
+        choice, prompt_routed_experts = {"routed_experts": npy_base64(rows)}, None
     decoded = vllm.from_openai_choice(
-        choice, layout, prompt_len=prompt_len, completion_len=completion_len
+        choice,
+        layout,
+        prompt_len=prompt_len,
+        completion_len=completion_len,
+        prompt_start=start,
+        prompt_routed_experts=prompt_routed_experts,
     )
     assert decoded.equal(trace)
 

@@ -27,6 +27,11 @@ def add(commands: Commands) -> None:
         ),
     )
     inspect.add_argument("file", type=Path, help="a trace file written by TraceWriter")
+    inspect.add_argument(
+        "--sequences",
+        action="store_true",
+        help="list every sequence: its id, prompt length and token ids",
+    )
     inspect.add_argument("--json", action="store_true", help="print JSON for machines")
     inspect.set_defaults(run=run)
 
@@ -35,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from routereplay.errors import RouteReplayError
 
     try:
-        report = _inspect(args.file)
+        report = _inspect(args.file, args.sequences)
     except (OSError, RouteReplayError) as error:
         return bad_input("inspect", error)
     if args.json:
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         f"  size:      {report['file_bytes']} bytes, "
         f"{'-' if per_token is None else f'{per_token:.2f}'} bytes per token"
     )
-    print(f"  token ids: {'stored' if report['has_tokens'] else 'not stored'}")
+    stored = [name for name in ("tokens", "prompt_lens", "sequence_ids") if report[f"has_{name}"]]
+    print(f"  stored:    {', '.join(n.replace('_', ' ') for n in stored) or 'routes only'}")
     print(f"  no route:  {report['no_route_rows']} of {report['rows']} (token, layer) rows")
     print("  expert load per routed layer (share of routes; imbalance = max / mean):")
     load = report["load"]
@@ -67,11 +73,16 @@ def run(args: argparse.Namespace) -> int:
                 f"    layer {layer:>3}: max {most:6.1%}  min {least:6.1%}  "
                 f"imbalance {imbalance:.2f}"
             )
+    for entry in report.get("sequence_list", []):
+        name = "" if entry["id"] is None else f" {entry['id']}"
+        prompt = "" if entry["prompt_len"] is None else f", prompt {entry['prompt_len']}"
+        print(f"  sequence {entry['index']}{name}: {entry['num_tokens']} tokens{prompt}")
     return EXIT_OK
 
 
-def _inspect(path: Path) -> dict[str, Any]:
-    """Everything `inspect` reports, read from every sequence of the file at `path`."""
+def _inspect(path: Path, sequences: bool = False) -> dict[str, Any]:
+    """Everything `inspect` reports, read from every sequence of the file at `path`;
+    with `sequences`, each sequence's id, prompt length and token ids too."""
     import numpy as np
 
     from routereplay.store import TraceFile
@@ -103,11 +114,15 @@ def _inspect(path: Path) -> dict[str, Any]:
             "encoding": traces.encoding,
             "bits_per_id": traces.bits_per_id,
             "has_tokens": traces.has_tokens,
+            "has_prompt_lens": traces.has_prompt_lens,
+            "has_sequence_ids": traces.has_sequence_ids,
             "file_bytes": file_bytes,
             "bytes_per_token": file_bytes / tokens if tokens else None,
             "rows": tokens * layers,
             "no_route_rows": no_route,
         }
+        if sequences:
+            report["sequence_list"] = [_sequence(traces, i) for i in range(len(traces))]
     per_layer = counts.reshape(layers, experts)
     routes = per_layer.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -125,3 +140,14 @@ def _inspect(path: Path) -> dict[str, Any]:
         "imbalance": listed(most * experts),  # max / mean, the mean share being 1 / experts
     }
     return report
+
+
+def _sequence(traces: Any, index: int) -> dict[str, Any]:
+    """One sequence's entry in `inspect --sequences`."""
+    return {
+        "index": index,
+        "id": traces.sequence_id(index) if traces.has_sequence_ids else None,
+        "num_tokens": traces.num_tokens(index),
+        "prompt_len": traces.prompt_len(index) if traces.has_prompt_lens else None,
+        "token_ids": traces.tokens(index).tolist() if traces.has_tokens else None,
+    }

@@ -20,13 +20,16 @@ def add(commands: Commands) -> None:
         "import",
         help="turn saved vLLM or SGLang responses (JSON lines) into a trace file",
         description=(
-            "Read engine responses saved one JSON object per line, with their token ids, "
-            "check every sequence's routes against the model's layout (row count, layer "
-            "count, top_k, id range, dense layers, broken captures) and write them to a "
-            "trace file for the trainer. vllm: an OpenAI-compatible response with "
-            "prompt_token_ids and per-choice token_ids and routed_experts (one sequence per "
-            "choice), or one flat completion. sglang: a /generate response with the "
-            "request's input_ids merged in, or a JSON list of them."
+            "Read engine responses saved one JSON value per line, check every sample's "
+            "routes against the model's layout (row count, layer count, top_k, id range, "
+            "dense layers, broken captures) and write them, with their token ids, prompt "
+            "lengths and ids, to a trace file for the trainer. A line is the response "
+            'body as received, or {"request": ..., "response": ...}: the request fills in '
+            "what the response lacks (a generate call's prompt, the routed-experts start). "
+            "The endpoint is told from the body. vllm: /v1/completions, "
+            "/v1/chat/completions, /inference/v1/generate (a stream as its list of data: "
+            "lines), or one flat offline completion. sglang: /generate (one object or a "
+            "batch list), /v1/completions, /v1/chat/completions."
         ),
     )
     command.add_argument("engine", choices=ENGINES, help="the engine that wrote the responses")
@@ -41,17 +44,24 @@ def add(commands: Commands) -> None:
         default="compact",
         help="compact: 1-2 bytes per id; packed: ceil(log2 experts) bits per id",
     )
+    command.add_argument(
+        "--force", action="store_true", help="overwrite the output file if it exists"
+    )
     command.add_argument("--json", action="store_true", help="print JSON for machines")
     command.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from routereplay.engines.responses import sequences_from_response
-    from routereplay.errors import RouteReplayError
+    from routereplay.engines.responses import rollouts_from_saved
+    from routereplay.errors import RouteReplayError, TraceFileError
     from routereplay.layout import MoELayout
     from routereplay.store import TraceWriter
 
     try:
+        if args.output.exists() and not args.force:
+            raise TraceFileError(
+                f"{args.output} exists; pass --force to overwrite it, or choose another -o."
+            )
         layout = MoELayout.from_hf_config(json.loads(args.config.read_text()))
         lines = args.payloads.read_text().splitlines()
         sequences = tokens = 0
@@ -61,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
                 if not text.strip():
                     continue
                 try:
-                    response = json.loads(text)
+                    saved = json.loads(text)
                 except json.JSONDecodeError as error:
                     raise RouteReplayError(f"line {number} is not JSON: {error}") from None
-                for decoded in sequences_from_response(args.engine, response, layout, number):
-                    out.append(decoded.routes, tokens=decoded.tokens)
+                for rollout in rollouts_from_saved(args.engine, saved, layout, f"line {number}"):
+                    out.append_rollout(rollout)
                     sequences += 1
-                    tokens += len(decoded.tokens)
+                    tokens += rollout.prompt_len + rollout.completion_len
     except (OSError, json.JSONDecodeError, RouteReplayError) as error:
         return bad_input("import", error)
     report = {

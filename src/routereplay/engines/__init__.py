@@ -1,9 +1,11 @@
-"""Rollout side: one `RoutingTrace` per sequence from what an engine returns.
+"""Rollout side: one `Rollout` (token ids, prompt length, routes, log-probs, id) per
+sampled sequence from what an engine returns.
 
 `payload` holds the row contract every engine shares (one row per forwarded token, the
-final sampled token has none) and multi-turn stitching; `vllm` and `sglang` only
-decode their wire formats into rows. `engines.hf`, an embedded transformers engine,
-is imported on its own.
+final sampled token has none) and multi-turn stitching; `vllm` and `sglang` each hold
+their arrays (`arrays`) and where every endpoint puts them and the token ids
+(`server`, vLLM's `offline`); `responses` reads saved lines for `routereplay import`.
+`engines.hf`, an embedded transformers engine, is imported on its own.
 """
 
 from routereplay.engines import sglang, vllm

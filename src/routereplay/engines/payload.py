@@ -15,6 +15,7 @@ multi-turn rollout into one trace.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -60,8 +61,17 @@ def trace_from_rows(
     Every error names `sequence` (an index or request id) and `source`.
     """
     return _sequence_trace(
-        rows, layout, prompt_len, completion_len, start, source, _describe(source, sequence)
+        rows, layout, prompt_len, completion_len, start, source, describe(source, sequence)
     )
+
+
+def describe(source: str, sequence: SequenceId | None) -> str:
+    """How errors name a sequence: "vllm sequence 'cmpl-1/0'", "sglang payload"."""
+    if sequence is None:
+        return f"{source} payload"
+    # Request ids are quoted so that "sequence 'req-7'" never reads as an index.
+    name = repr(sequence) if isinstance(sequence, str) else str(sequence)
+    return f"{source} sequence {name}"
 
 
 class Conversation:
@@ -89,7 +99,7 @@ class Conversation:
         """`[tokens so far, routed layers, top_k]`; the final sampled token's row is -1."""
         if self._trace is None:
             raise TraceError(
-                f"{_describe(self.source, self.sequence)}: the conversation has no turns yet; "
+                f"{describe(self.source, self.sequence)}: the conversation has no turns yet; "
                 "call add_turn (or add_trace) first."
             )
         return self._trace
@@ -209,18 +219,10 @@ class Conversation:
             )
 
     def _where(self) -> str:
-        return f"{_describe(self.source, self.sequence)}, turn {self.num_turns}"
+        return f"{describe(self.source, self.sequence)}, turn {self.num_turns}"
 
 
 # -- internals ------------------------------------------------------------------------
-
-
-def _describe(source: str, sequence: SequenceId | None) -> str:
-    if sequence is None:
-        return f"{source} payload"
-    # Request ids are quoted so that "sequence 'req-7'" never reads as an index.
-    name = repr(sequence) if isinstance(sequence, str) else str(sequence)
-    return f"{source} sequence {name}"
 
 
 def _sequence_trace(
@@ -278,7 +280,9 @@ def _sequence_trace(
             "one row per forwarded token (all but the final sampled one) from start: "
             f"prompt_len {prompt_len} + completion_len {completion_len} - 1 - start {start} "
             f"= {expected}. Check that prompt_len and completion_len count the tokens the "
-            "engine saw and that start is the request's routed-experts start."
+            "engine saw and that start is the request's routed-experts start (vLLM "
+            "routed_experts_prompt_start, SGLang routed_experts_start_len: no response "
+            "echoes it, so pass the request with the response)."
         )
     # A widening copy (the caller's buffer, often read-only, is never written); rows the
     # engine did not return, before start and the final token, are -1.
@@ -306,3 +310,24 @@ def decode_base64(payload: Any, field: str, where: str, wire: str) -> bytes:
             f"{where}: {field} is not valid base64 ({error}); {wire}. Pass the response's "
             "JSON value unchanged."
         ) from error
+
+
+def require_object(value: Any, where: str) -> Mapping[str, Any]:
+    """`value` if it is a JSON object (a mapping), else a `TraceError` naming `where`."""
+    if not isinstance(value, Mapping):
+        raise TraceError(f"{where}: expected a JSON object, found {type(value).__name__}.")
+    return value
+
+
+def token_ids(value: Any, field: str, where: str, hint: str) -> torch.Tensor:
+    """A JSON list of token ids as int64 `[n]`; `hint` says how to make the engine send
+    them (e.g. "send return_token_ids: true with the request")."""
+    if not isinstance(value, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
+        found = type(value).__name__ if not isinstance(value, list) else "a list of non-ids"
+        raise TraceError(f"{where}: {field} must be a list of token ids, found {found}: {hint}.")
+    try:
+        return torch.tensor(value, dtype=torch.int64)
+    except (OverflowError, RuntimeError, ValueError):
+        raise TraceError(f"{where}: {field} holds a token id beyond int64.") from None

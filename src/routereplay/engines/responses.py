@@ -1,109 +1,97 @@
-"""Saved engine responses (one JSON object per line) to per-sequence traces.
+"""Saved engine responses (one JSON value per line) to `Rollout`s.
 
-What one line holds, per engine:
+A line is the response as received, or `{"request": ..., "response": ...}` (other keys,
+such as a case name, are kept for error messages): the request fills in what the
+response lacks (a generate call's prompt, `routed_experts_prompt_start`,
+`routed_experts_start_len`). The endpoint is told from the body:
 
-vllm    an OpenAI-compatible response with token ids
-        (`{"prompt_token_ids": [...], "choices": [{"token_ids": [...],
-        "routed_experts": "<base64 .npy>", ...}, ...]}`; `prompt_routed_experts` at the
-        response level when the server splits prompt rows out), one sequence per choice;
-        or one flat completion (`{"prompt_token_ids", "token_ids", "routed_experts", ...}`).
-sglang  a `/generate` response with the request's prompt ids merged in
-        (`{"input_ids": [...], "output_ids": [...], "meta_info": {"routed_experts": ...}}`,
-        optionally `"routed_experts_start_len"`), or a JSON list of them (a batch).
+vllm    a `/v1/completions`, `/v1/chat/completions` or `/inference/v1/generate`
+        response; a streamed generate call as its list of `data: ...` lines; or one
+        flat offline completion (`{"prompt_token_ids", "token_ids", "routed_experts"}`,
+        as `CompletionOutput` saved with its prompt)
+sglang  a `/generate` response (one object, or a list for a batch) or an OpenAI-style
+        one (`choices`)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Literal
 
-import numpy as np
+import torch
 
 from routereplay.engines import sglang, vllm
+from routereplay.engines.payload import require_object, token_ids
+from routereplay.engines.vllm.server import prompt_start
 from routereplay.errors import TraceError
 from routereplay.layout import MoELayout
-from routereplay.trace import RoutingTrace
+from routereplay.rollout import Rollout
 
 Engine = Literal["vllm", "sglang"]
 ENGINES: tuple[Engine, ...] = ("vllm", "sglang")
 
 
-@dataclass(frozen=True)
-class DecodedSequence:
-    """One decoded sequence: `tokens [prompt + completion]` and their `routes`."""
-
-    tokens: np.ndarray[Any, np.dtype[np.int64]]
-    routes: RoutingTrace
-
-
-def sequences_from_response(
-    engine: Engine, response: Any, layout: MoELayout, line: int
-) -> Iterator[DecodedSequence]:
-    """Every sequence in one saved response; errors name the line (and choice)."""
+def rollouts_from_saved(
+    engine: Engine, saved: Any, layout: MoELayout, where: str = "saved response"
+) -> list[Rollout]:
+    """Every sample in one saved line; errors name `where` (and the line's case)."""
+    request: Mapping[str, Any] | None = None
+    response = saved
+    if isinstance(saved, Mapping) and "response" in saved:
+        response, request = saved["response"], saved.get("request")
+        if request is not None:
+            request = require_object(request, f"{where}: request")
+        if isinstance(saved.get("case"), str):
+            where = f"{where} (case {saved['case']!r})"
     if engine == "vllm":
-        yield from _vllm(response, layout, line)
-    elif engine == "sglang":
-        for index, item in enumerate(response if isinstance(response, list) else [response]):
-            yield _sglang(
-                item, layout, f"line {line}" + (f"[{index}]" if isinstance(response, list) else "")
+        return _vllm(response, layout, request, where)
+    if engine == "sglang":
+        return sglang.from_response(response, layout, request=request, where=where)
+    raise TraceError(f"Unknown engine {engine!r}; expected one of {', '.join(ENGINES)}.")
+
+
+def _vllm(
+    response: Any, layout: MoELayout, request: Mapping[str, Any] | None, where: str
+) -> list[Rollout]:
+    if isinstance(response, list | str):  # a streamed call's server-sent-event lines
+        if request is None:
+            raise TraceError(
+                f"{where}: a saved stream needs its request (it holds the prompt): save "
+                'the line as {"request": ..., "response": [lines]}.'
             )
-    else:
-        raise TraceError(f"Unknown engine {engine!r}; expected one of {', '.join(ENGINES)}.")
+        return vllm.from_stream(response, layout, request=request, where=where)
+    response = require_object(response, where)
+    if "choices" in response or "object" in response:
+        return vllm.from_response(response, layout, request=request, where=where)
+    return [_flat_completion(response, layout, request, where)]
 
 
-def _vllm(response: Any, layout: MoELayout, line: int) -> Iterator[DecodedSequence]:
-    _require_object(response, f"line {line}")
-    prompt = _token_ids(response, "prompt_token_ids", f"line {line}")
-    choices = response.get("choices")
-    if choices is None:  # one flat completion
-        choices, shared = [response], None
-    else:
-        shared = response.get("prompt_routed_experts")
-    for index, choice in enumerate(choices):
-        where = f"line {line}" if choice is response else f"line {line}, choice {index}"
-        _require_object(choice, where)
-        completion = _token_ids(choice, "token_ids", where)
-        routes = vllm.from_openai_choice(
-            choice,
-            layout,
-            prompt_len=len(prompt),
-            completion_len=len(completion),
-            prompt_routed_experts=shared,
-            sequence=where,
-        )
-        yield DecodedSequence(np.concatenate([prompt, completion]), routes)
-
-
-def _sglang(item: Any, layout: MoELayout, where: str) -> DecodedSequence:
-    _require_object(item, where)
-    prompt = _token_ids(item, "input_ids", where)
-    completion = _token_ids(item, "output_ids", where)
-    meta_info = item.get("meta_info")
-    if not isinstance(meta_info, Mapping):
-        raise TraceError(f"{where}: no meta_info object; save SGLang's /generate response whole.")
-    routes = sglang.from_meta_info(
-        meta_info,
+def _flat_completion(
+    saved: Mapping[str, Any], layout: MoELayout, request: Mapping[str, Any] | None, where: str
+) -> Rollout:
+    """One offline completion saved as JSON: token ids, base64 `.npy` routes, and
+    optionally the sampled tokens' `logprobs`."""
+    hint = "save the completion with its prompt_token_ids and token_ids"
+    prompt = token_ids(saved.get("prompt_token_ids"), "prompt_token_ids", where, hint)
+    completion = token_ids(saved.get("token_ids"), "token_ids", where, hint)
+    routes = vllm.from_openai_choice(
+        saved,
         layout,
         prompt_len=len(prompt),
         completion_len=len(completion),
-        start_len=int(item.get("routed_experts_start_len") or 0),
+        prompt_start=prompt_start(request, where),
         sequence=where,
     )
-    return DecodedSequence(np.concatenate([prompt, completion]), routes)
-
-
-def _require_object(value: Any, where: str) -> None:
-    if not isinstance(value, Mapping):
-        raise TraceError(f"{where}: expected a JSON object, found {type(value).__name__}.")
-
-
-def _token_ids(obj: Mapping[str, Any], key: str, where: str) -> np.ndarray[Any, np.dtype[np.int64]]:
-    ids = obj.get(key)
-    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-        raise TraceError(
-            f"{where}: {key} must be a list of token ids, found {type(ids).__name__}. Save "
-            "the token ids with each response (vLLM: return_token_ids; SGLang: merge the "
-            "request's input_ids into the saved line)."
-        )
-    return np.asarray(ids, dtype=np.int64)
+    logprobs = saved.get("logprobs")
+    if logprobs is not None and (
+        not isinstance(logprobs, list) or not all(isinstance(v, int | float) for v in logprobs)
+    ):
+        raise TraceError(f"{where}: logprobs must be a list of numbers, one per sampled token.")
+    return Rollout(
+        prompt_ids=prompt,
+        completion_ids=completion,
+        routes=routes,
+        logprobs=torch.tensor(logprobs, dtype=torch.float32) if logprobs else None,
+        finish_reason=saved.get("finish_reason"),
+        sequence_id=saved.get("id"),
+    )

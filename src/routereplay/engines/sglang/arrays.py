@@ -1,4 +1,4 @@
-"""SGLang payloads: `meta_info["routed_experts"]`.
+"""SGLang's routed-experts array: `meta_info["routed_experts"]`.
 
 With `--enable-return-routed-experts` on the server and `return_routed_experts: true`
 on the request, SGLang returns base64 of flattened little-endian int32 ids, logical
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from routereplay.engines.payload import SequenceId, _describe, decode_base64, trace_from_rows
+from routereplay.engines.payload import SequenceId, decode_base64, describe, trace_from_rows
 from routereplay.errors import TraceError
 from routereplay.layout import MoELayout
 from routereplay.trace import RoutingTrace
@@ -36,7 +36,7 @@ def from_meta_info(
     `start_len` is the request's `routed_experts_start_len`. Rows are read as every
     decoder layer (SGLang's format) or, when only that length fits, the routed layers.
     """
-    where = _describe(SOURCE, sequence)
+    where = describe(SOURCE, sequence)
     payload = meta_info.get("routed_experts")
     if payload is None:
         hint = (
