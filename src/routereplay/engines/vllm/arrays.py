@@ -93,13 +93,12 @@ def from_openai_choice(
         rows = _split_rows(prompt_routed_experts, field, prompt_len, where)
     else:
         rows = decode_npy(field, "routed_experts", where)
-    return trace_from_rows(
+    return from_completion(
         rows,
         layout,
         prompt_len=prompt_len,
         completion_len=completion_len,
-        source=SOURCE,
-        start=prompt_start,
+        prompt_start=prompt_start,
         sequence=sequence,
     )
 
