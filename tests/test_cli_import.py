@@ -230,3 +230,13 @@ def test_a_bad_real_line_names_the_line_and_its_case(
     assert err.startswith("routereplay import: line 2 (case 'tito_generate'): this ")
     assert "pass the request too" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_payload_file_that_is_not_text_exits_2(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    payloads = tmp_path / "binary.jsonl"
+    payloads.write_bytes(b"\xff\xfe\x00{")
+    args = ["import", "vllm", str(payloads), "--config", str(config), "-o", str(tmp_path / "o")]
+    assert main(args) == EXIT_BAD_INPUT
+    assert "utf-8" in capsys.readouterr().err

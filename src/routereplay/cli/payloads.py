@@ -63,11 +63,15 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.output} exists; pass --force to overwrite it, or choose another -o."
             )
         layout = MoELayout.from_hf_config(json.loads(args.config.read_text()))
-        lines = args.payloads.read_text().splitlines()
+        with args.payloads.open("rb") as counting:
+            total = sum(1 for _ in counting)  # for the progress line; memory stays flat
         sequences = tokens = 0
         # An error leaves no output file: the writer discards on exceptions.
-        with TraceWriter(args.output, layout, source=args.engine, encoding=args.encoding) as out:
-            for number, text in progress(enumerate(lines, 1), len(lines), "responses"):
+        with (
+            args.payloads.open(encoding="utf-8") as lines,
+            TraceWriter(args.output, layout, source=args.engine, encoding=args.encoding) as out,
+        ):
+            for number, text in progress(enumerate(lines, 1), total, "responses"):
                 if not text.strip():
                     continue
                 try:
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                     out.append_rollout(rollout)
                     sequences += 1
                     tokens += rollout.prompt_len + rollout.completion_len
-    except (OSError, json.JSONDecodeError, RouteReplayError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RouteReplayError) as error:
         return bad_input("import", error)
     report = {
         "output": str(args.output),
