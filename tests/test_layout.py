@@ -271,3 +271,26 @@ def test_dense_prefix_does_not_shift_stage_moe_layers(hybrid_layout: MoELayout) 
 def test_malformed_layouts_are_rejected(build: object, message: str) -> None:
     with pytest.raises(LayoutError, match=message):
         build()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_experts", 8.5),
+        ("num_experts", "8"),
+        ("top_k", 2.0),
+        ("moe_layers", (1.7, 2.2)),
+        ("moe_layers", "12"),
+    ],
+)
+def test_a_layout_of_numbers_that_are_not_integers_is_refused(field: str, value: object) -> None:
+    kwargs: dict[str, object] = {
+        "num_layers": 4,
+        "moe_layers": (1, 2),
+        "num_experts": 8,
+        "top_k": 2,
+    }
+    with pytest.raises(
+        LayoutError, match=rf"{field}( item)? must be (an integer|a sequence of integers), found"
+    ):
+        MoELayout(**kwargs | {field: value})  # type: ignore[arg-type]

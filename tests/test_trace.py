@@ -385,3 +385,42 @@ def test_a_replay_of_a_128_expert_trace_validates_on_entry() -> None:
     assert trace.experts.dtype == torch.int8
     with ReplayController(layout).replay(trace):
         pass
+
+
+# -- integers that are not integers, and unsigned engine dtypes ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("layers", (1.7, 2.2), r"layers item must be an integer, found 1\.7 \(float\)"),
+        ("layers", "12", r"layers must be a sequence of integers, found '12'"),
+        ("layers", (True, 2), r"layers item must be an integer, found True \(bool\)"),
+        ("num_experts", 8.5, r"num_experts must be an integer, found 8\.5 \(float\)"),
+        ("num_experts", "8", r"num_experts must be an integer, found '8' \(str\)"),
+    ],
+)
+def test_numbers_that_are_not_integers_are_refused_not_truncated(
+    field: str, value: object, message: str
+) -> None:
+    kwargs: dict[str, object] = {"layers": (1, 2), "num_experts": 8} | {field: value}
+    with pytest.raises(TraceError, match=message):
+        RoutingTrace(torch.zeros((3, 2, 2), dtype=torch.long) + torch.tensor([0, 1]), **kwargs)  # type: ignore[arg-type]
+
+
+def test_numpy_integer_layer_ids_are_integers() -> None:
+    trace = RoutingTrace(torch.tensor([[[0, 1]]]), (np.int64(3),), np.int32(8))  # type: ignore[arg-type]
+    assert trace.layers == (3,) and type(trace.layers[0]) is int and trace.num_experts == 8
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
+def test_unsigned_torch_ids_from_an_engine_array_are_read_as_themselves(dtype: type) -> None:
+    ids = np.array([[[3, 255]], [[0, 7]]], dtype=dtype)
+    trace = RoutingTrace(torch.from_numpy(ids), (2,), 300)
+    assert trace.expert_ids().tolist() == [[[3, 255]], [[0, 7]]]
+
+
+def test_unsigned_ids_out_of_range_are_reported_as_themselves() -> None:
+    ids = torch.from_numpy(np.array([[[3, 299]]], dtype=np.uint16))
+    with pytest.raises(TraceError, match=r"holds expert id 299; ids must lie in \[0, 256\)"):
+        RoutingTrace(ids, (2,), 256)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from routereplay.checks import exact_int, exact_ints
 from routereplay.errors import LayoutError
 from routereplay.errors import short_ids as _short
 
@@ -53,9 +54,15 @@ class MoELayout:
     _moe_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))
+        for name in ("num_layers", "num_experts", "top_k"):
+            object.__setattr__(self, name, exact_int(getattr(self, name), name, LayoutError))
+        object.__setattr__(
+            self, "moe_layers", exact_ints(self.moe_layers, "moe_layers", LayoutError)
+        )
         object.__setattr__(self, "_moe_set", frozenset(self.moe_layers))
-        object.__setattr__(self, "mtp_layers", tuple(int(i) for i in self.mtp_layers))
+        object.__setattr__(
+            self, "mtp_layers", exact_ints(self.mtp_layers, "mtp_layers", LayoutError)
+        )
         if self.num_layers < 1:
             raise LayoutError(f"num_layers must be at least 1, found {self.num_layers}.")
         if not self.moe_layers:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from routereplay.checks import exact_int, exact_ints
 from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
@@ -53,7 +54,10 @@ class RoutingTrace:
 
     def __post_init__(self) -> None:
         experts = _as_int_tensor(self.experts, "experts")
-        layers = tuple(int(i) for i in self.layers)
+        layers = exact_ints(self.layers, "layers", TraceError)
+        object.__setattr__(
+            self, "num_experts", exact_int(self.num_experts, "num_experts", TraceError)
+        )
         if experts.ndim < 3:
             raise TraceError(
                 f"experts must be [..., layers, top_k] with at least one token axis, "
@@ -308,6 +312,13 @@ def _as_int_tensor(experts: ExpertArray, name: str) -> torch.Tensor:
         raise TraceError(f"{name} must be a torch tensor or numpy array, found {type(experts)}.")
     if experts.dtype.is_floating_point or experts.dtype.is_complex or experts.dtype == torch.bool:
         raise TraceError(f"{name} must hold integers, found dtype {experts.dtype}.")
+    if not experts.dtype.is_signed:
+        # torch.from_numpy of an engine's uint8 / uint16 array: widen, so that ids are
+        # range-checked as themselves and -1 can be written.
+        wide_dtype = torch.int32 if experts.dtype in (torch.uint8, torch.uint16) else torch.int64
+        if experts.dtype == torch.uint64 and experts.numel() and (experts > 2**62).any():
+            raise TraceError(f"{name} holds uint64 ids beyond int64; no expert id is that big.")
+        return experts.to(wide_dtype)
     return experts
 
 
