@@ -314,11 +314,22 @@ def test_sglang_rows_before_start_len_have_no_route() -> None:
     )
 
 
-def test_sglang_routed_only_payload_is_accepted() -> None:
-    routed = routed_ids(DENSE_PREFIX, ROWS)
-    assert decode_sglang(sglang_meta_info(routed)).equal(
-        decode_sglang(sglang_meta_info(all_layers(DENSE_PREFIX, routed)))
-    )
+def test_sglang_a_routed_only_payload_is_refused_not_guessed() -> None:
+    routed = routed_ids(DENSE_PREFIX, ROWS)  # 112 ids: 7 rows of the 4 routed layers only
+    with pytest.raises(
+        TraceError,
+        match=r"112 ids are not whole rows of 6 decoder layers x top_k 4 = 24 \(SGLang sends every decoder layer",
+    ):
+        decode_sglang(sglang_meta_info(routed))
+
+
+def test_sglang_top_1_routes_that_fit_another_width_are_never_reinterpreted() -> None:
+    # 4 layers, layers 1 and 3 route, top-1: 6 routed-only rows are 12 ids, which is also
+    # 3 whole all-layer rows. Read either way it would be wrong; it is a row-count error.
+    layout = MoELayout.from_dense_pattern([0, 1, 0, 1], num_experts=8, top_k=1)
+    routed = routed_ids(layout, 6)
+    with pytest.raises(TraceError, match=r"found 3 rows, 3 rows fewer than expected"):
+        sglang.from_meta_info(sglang_meta_info(routed), layout, prompt_len=4, completion_len=3)
 
 
 def test_sglang_whole_rows_of_the_wrong_count_say_by_how_much() -> None:
@@ -332,18 +343,9 @@ def test_sglang_a_length_that_is_not_whole_rows_says_so() -> None:
     flat = vllm_rows().reshape(-1)[:-3]
     with pytest.raises(
         TraceError,
-        match=r"165 ids are not a multiple of 24 \(6 decoder layers x top_k 4\) nor of 16 \(4 routed layers x top_k 4\)",
+        match=r"165 ids are not whole rows of 6 decoder layers x top_k 4 = 24 .*7 rows were expected",
     ):
         decode_sglang(sglang_meta_info(flat))
-
-
-def test_sglang_a_routed_only_length_with_the_wrong_row_count_looks_routed_only() -> None:
-    routed = routed_ids(DENSE_PREFIX, ROWS + 1)  # 128 ids: 8 routed-only rows, not 24-wide rows
-    with pytest.raises(
-        TraceError,
-        match=r"they are 8 rows of the 4 routed layers: the payload looks routed-only, with 8 rows where .* = 7 were expected",
-    ):
-        decode_sglang(sglang_meta_info(routed))
 
 
 def test_sglang_missing_routes_say_how_to_enable_capture() -> None:

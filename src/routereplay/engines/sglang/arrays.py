@@ -33,8 +33,8 @@ def from_meta_info(
 ) -> RoutingTrace:
     """Trace of one SGLang generation from its `meta_info`.
 
-    `start_len` is the request's `routed_experts_start_len`. Rows are read as every
-    decoder layer (SGLang's format) or, when only that length fits, the routed layers.
+    `start_len` is the request's `routed_experts_start_len`. Rows are every decoder
+    layer, SGLang's format; no other width is guessed from the length.
     """
     where = describe(SOURCE, sequence)
     payload = meta_info.get("routed_experts")
@@ -81,29 +81,19 @@ def _decode_int32(payload: Any, where: str) -> np.ndarray[Any, np.dtype[np.int32
 def _rows(
     ids: np.ndarray[Any, np.dtype[np.int32]], layout: MoELayout, expected: int, where: str
 ) -> np.ndarray[Any, np.dtype[np.int32]]:
-    """`ids [n * width * top_k]` to `[n, width, top_k]`, a view: still read-only."""
-    top_k, routed = layout.top_k, len(layout.moe_layers)
-    for width in (layout.num_layers, routed):
-        if ids.size == expected * width * top_k:
-            return ids.reshape(expected, width, top_k)
-    # The count is off; reshape as SGLang's all-layer format so the row contract can
-    # say by how many rows.
-    if ids.size % (layout.num_layers * top_k) == 0:
-        return ids.reshape(-1, layout.num_layers, top_k)
-    if ids.size % (routed * top_k) == 0:
-        found = ids.size // (routed * top_k)
-        raise TraceError(
-            f"{where}: {ids.size} ids are not whole rows of {layout.num_layers} decoder "
-            f"layers x top_k {top_k}, but they are {found} rows of the {routed} routed "
-            f"layers: the payload looks routed-only, with {found} rows where "
-            f"prompt_len + completion_len - 1 - start_len = {expected} were expected. "
-            "Check the token counts and routed_experts_start_len."
-        )
-    widths = f"{layout.num_layers * top_k} ({layout.num_layers} decoder layers x top_k {top_k})"
-    if routed != layout.num_layers:
-        widths += f" nor of {routed * top_k} ({routed} routed layers x top_k {top_k})"
+    """`ids [n * num_layers * top_k]` to `[n, num_layers, top_k]`, a view: still read-only.
+
+    SGLang always sends every decoder layer. The flat array has no shape, so reading it
+    as routed layers only because that length happens to fit would be a guess, and
+    would read dense layers' zeros as expert 0.
+    """
+    top_k, width = layout.top_k, layout.num_layers
+    if ids.size % (width * top_k) == 0:
+        # A wrong row count is the row contract's to report, by how many rows.
+        return ids.reshape(-1, width, top_k)
     raise TraceError(
-        f"{where}: {ids.size} ids are not a multiple of {widths}: the layout does not match "
-        "the served model (num_hidden_layers, num_experts_per_tok), or the payload is "
-        "truncated."
+        f"{where}: {ids.size} ids are not whole rows of {width} decoder layers x top_k "
+        f"{top_k} = {width * top_k} (SGLang sends every decoder layer, dense ones as "
+        f"zeros; {expected} rows were expected): the layout does not match the served "
+        "model (num_hidden_layers, num_experts_per_tok), or the payload is truncated."
     )
