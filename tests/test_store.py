@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from routereplay import NO_ROUTE, MoELayout, Rollout, RoutingTrace, TraceError
 from routereplay.store import TraceFile, TraceFileError, TraceWriter
+from routereplay.store.container import metadata_crc
 
 
 def random_trace(
@@ -467,8 +468,9 @@ def test_model_weights_are_not_a_trace_file(tmp_path: Path) -> None:
         TraceFile(path)
 
 
-def rewrite_metadata(path: Path, **changes: str | None) -> None:
-    """Rewrite a trace file with safetensors' own writer, metadata keys changed or dropped."""
+def rewrite_metadata(path: Path, reseal: bool = True, **changes: str | None) -> None:
+    """Rewrite a trace file with safetensors' own writer, metadata keys changed or
+    dropped; `reseal` writes the metadata checksum anew, as a tool that means it would."""
     with safe_open(str(path), framework="numpy") as raw:
         metadata = dict(raw.metadata())
     tensors = load_file(path)
@@ -477,6 +479,8 @@ def rewrite_metadata(path: Path, **changes: str | None) -> None:
             del metadata[key]
         else:
             metadata[key] = value
+    if reseal and "metadata_crc32" not in changes:
+        metadata["metadata_crc32"] = str(metadata_crc(metadata))
     save_file(tensors, path, metadata=metadata)
 
 
@@ -700,3 +704,22 @@ def test_a_version_1_file_without_prompt_lengths_or_ids_still_reads(
         assert all(a.equal(b) for a, b in zip(traces, three_sequences, strict=True))
         with pytest.raises(TraceFileError, match=r"holds no prompt lengths"):
             traces.prompt_len(0)
+
+
+@pytest.mark.parametrize(
+    "changes", [{"moe_layers": "[2, 3, 4, 5, 6, 8]"}, {"num_experts": "17"}, {"source": "sglang"}]
+)
+def test_one_changed_header_field_is_caught_by_the_metadata_checksum(
+    trace_path: Path, changes: dict[str, str]
+) -> None:
+    rewrite_metadata(trace_path, reseal=False, **changes)
+    with pytest.raises(
+        TraceFileError, match=r"damaged trace file: its metadata has checksum .* changed after"
+    ):
+        TraceFile(trace_path)
+
+
+def test_a_version_2_file_without_its_metadata_checksum_is_damage(trace_path: Path) -> None:
+    rewrite_metadata(trace_path, metadata_crc32=None)
+    with pytest.raises(TraceFileError, match=r"lacks the metadata key 'metadata_crc32'"):
+        TraceFile(trace_path)

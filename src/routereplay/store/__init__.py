@@ -25,6 +25,8 @@ whose `__metadata__` carries everything needed to read it:
     prompt_lens_crc32    zlib.crc32 of `prompt_lens`, when the file holds it
     sequence_ids_crc32   zlib.crc32 of `sequence_id_offsets` then `sequence_ids`, when
                          the file holds them
+    metadata_crc32    zlib.crc32 of the JSON list of every other [key, value] pair,
+                      sorted by key, compact separators (version 2)
 
 Tensors, in file order (L = len(moe_layers), k = top_k):
 

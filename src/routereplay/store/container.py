@@ -72,6 +72,16 @@ def tensor_specs(codec: Codec, sizes: Sizes) -> list[TensorSpec]:
     return specs
 
 
+METADATA_CRC = "metadata_crc32"
+
+
+def metadata_crc(metadata: dict[str, str]) -> int:
+    """zlib.crc32 of every other metadata field, in key order: one changed digit in
+    `moe_layers` or `num_experts` would otherwise move routes onto other layers."""
+    fields = sorted((k, v) for k, v in metadata.items() if k != METADATA_CRC)
+    return zlib.crc32(json.dumps(fields, separators=(",", ":")).encode())
+
+
 def fact_checksums(facts: dict[str, bytes]) -> dict[str, str]:
     """The metadata checksums of the per-sequence facts a file holds: `prompt_lens_crc32`
     and `sequence_ids_crc32` (over `sequence_id_offsets`, then `sequence_ids`)."""

@@ -24,12 +24,14 @@ from routereplay.store.container import (
     FINGERPRINT_WORDS,
     FORMAT,
     FORMAT_VERSION,
+    METADATA_CRC,
     NUMPY_DTYPES,
     READABLE_VERSIONS,
     HeaderFields,
     Sizes,
     TensorSpec,
     describe,
+    metadata_crc,
     tensor_specs,
     why_unreadable,
 )
@@ -236,6 +238,14 @@ class TraceFile:
                 f"{FORMAT_VERSION}). Read it with the routereplay that wrote it."
             )
         fields = HeaderFields(metadata, self._damaged)
+        if version != "1":  # version 1 files carry no metadata checksum
+            found_crc, expected_crc = metadata_crc(metadata), fields.integer(METADATA_CRC)
+            if found_crc != expected_crc:
+                raise self._damaged(
+                    f"its metadata has checksum {found_crc:08x}, its {METADATA_CRC} says "
+                    f"{expected_crc:08x}: a header field (layers, experts, top_k, counts) "
+                    "changed after the file was written, and its routes cannot be placed"
+                )
         try:
             self._layout = MoELayout(
                 num_layers=fields.integer("num_layers"),

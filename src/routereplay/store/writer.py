@@ -24,8 +24,10 @@ from routereplay.store.codec import Codec, Encoding, sequence_crc
 from routereplay.store.container import (
     FORMAT,
     FORMAT_VERSION,
+    METADATA_CRC,
     Sizes,
     fact_checksums,
+    metadata_crc,
     safetensors_header,
     tensor_specs,
 )
@@ -335,7 +337,9 @@ class TraceWriter:
     def _write_file(self, out: IO[bytes]) -> None:
         facts = self._fact_tensors()
         specs = tensor_specs(self._codec, self._sizes(facts))
-        out.write(safetensors_header(specs, self._metadata(facts)))
+        metadata = self._metadata(facts)
+        metadata[METADATA_CRC] = str(metadata_crc(metadata))
+        out.write(safetensors_header(specs, metadata))
         for spec in specs:
             if spec.name in facts:
                 out.write(facts[spec.name])
