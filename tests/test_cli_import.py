@@ -106,7 +106,7 @@ def test_a_bad_line_names_itself_exits_2_and_leaves_no_file(
     out = tmp_path / "traces.rr"
     args = ["import", "sglang", str(payloads), "--config", str(config), "-o", str(out)]
     assert main(args) == EXIT_BAD_INPUT
-    assert "sglang sequence 'line 2 (req-2)': found 6 rows, 1 row more than expected" in (
+    assert "routereplay import: sglang line 2 (req-2): found 6 rows, 1 row more than expected" in (
         capsys.readouterr().err
     )
     assert not out.exists()
@@ -124,8 +124,7 @@ def test_a_bad_line_names_itself_exits_2_and_leaves_no_file(
                     "choices": [{"index": 0, "finish_reason": "length", "token_ids": [3]}],
                 }
             ),
-            "line 1, choice 0: choice prompt_token_ids must be a list of token ids, found "
-            "NoneType: send return_token_ids: true",
+            "line 1, choice 0: choice prompt_token_ids is missing: send return_token_ids: true",
         ),
         (
             json.dumps(
@@ -142,8 +141,8 @@ def test_a_bad_line_names_itself_exits_2_and_leaves_no_file(
                     ],
                 }
             ),
-            "line 1, choice 0 has no routed_experts: start the server with routed-experts "
-            "capture enabled (`vllm serve ... --enable-return-routed-experts`)",
+            "vllm line 1, choice 0: the choice has no routed_experts: start the server with "
+            "routed-experts capture enabled (`vllm serve ... --enable-return-routed-experts`)",
         ),
     ],
 )
@@ -239,4 +238,18 @@ def test_a_payload_file_that_is_not_text_exits_2(
     payloads.write_bytes(b"\xff\xfe\x00{")
     args = ["import", "vllm", str(payloads), "--config", str(config), "-o", str(tmp_path / "o")]
     assert main(args) == EXIT_BAD_INPUT
-    assert "utf-8" in capsys.readouterr().err
+    assert "binary.jsonl is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_sequence_given_twice_names_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = "qwen3moe_mid_dense"
+    first = vllm_fixtures.server_lines(model)[0]
+    payloads = write_lines(tmp_path / "twice.jsonl", [first, first])
+    config = vllm_fixtures.FIXTURES / "models" / model / "config.json"
+    args = ["import", "vllm", str(payloads), "--config", str(config), "-o", str(tmp_path / "o")]
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("routereplay import: line 2: Sequence 1 appended to ")
+    assert "was given to sequence 0 already" in err

@@ -91,7 +91,7 @@ def test_a_generate_response_takes_its_prompt_from_the_request() -> None:
 
 def test_a_generate_response_without_prompt_ids_says_how_to_get_them() -> None:
     with pytest.raises(
-        TraceError, match=r"prompt_token_ids must be a list .* return_prompt_token_ids: true"
+        TraceError, match=r"prompt_token_ids is missing: send return_prompt_token_ids: true"
     ):
         sglang.from_response(Sample(4, 2, seed=2).generate_output(), LAYOUT)
 
@@ -161,7 +161,7 @@ def test_an_openai_response_without_token_ids_says_to_ask_for_them() -> None:
     response = openai_response([Sample(5, 4, seed=16)], chat=False, meta_info=False)
     del response["choices"][0]["prompt_token_ids"]
     with pytest.raises(
-        TraceError, match=r"prompt_token_ids must be a list .* return_token_ids: true"
+        TraceError, match=r"prompt_token_ids is missing: send return_token_ids: true"
     ):
         sglang.from_response(response, LAYOUT)
 

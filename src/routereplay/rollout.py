@@ -39,12 +39,24 @@ class Rollout:
         where = "Rollout" if self.sequence_id is None else f"Rollout {self.sequence_id!r}"
         for name in ("prompt_ids", "completion_ids"):
             ids = getattr(self, name)
-            if not isinstance(ids, torch.Tensor) or ids.ndim != 1 or ids.is_floating_point():
+            if (
+                not isinstance(ids, torch.Tensor)
+                or ids.ndim != 1
+                or ids.is_floating_point()
+                or ids.dtype == torch.bool
+            ):
                 found = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
                 raise TraceError(f"{where}: {name} must be a 1-D integer tensor, found {found}.")
             object.__setattr__(self, name, ids.long())
         if len(self.prompt_ids) < 1:
             raise TraceError(f"{where}: the prompt is empty; an engine prompt has a token.")
+        if self.sequence_id is not None and not isinstance(self.sequence_id, str):
+            raise TraceError(f"{where}: sequence_id must be a string, found {self.sequence_id!r}.")
+        if self.routes is not None and not isinstance(self.routes, RoutingTrace):
+            raise TraceError(
+                f"{where}: routes must be a RoutingTrace or None, found "
+                f"{type(self.routes).__name__}."
+            )
         total = len(self.prompt_ids) + len(self.completion_ids)
         if self.routes is not None and self.routes.leading_shape != (total,):
             raise TraceError(
@@ -53,6 +65,11 @@ class Rollout:
                 f"{total} tokens: one row per token."
             )
         if self.logprobs is not None:
+            if not isinstance(self.logprobs, torch.Tensor):
+                raise TraceError(
+                    f"{where}: logprobs must be a float tensor [completion_len], found "
+                    f"{type(self.logprobs).__name__}."
+                )
             if tuple(self.logprobs.shape) != (len(self.completion_ids),):
                 raise TraceError(
                     f"{where}: logprobs have shape {list(self.logprobs.shape)}, one per "

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]  # add_subparsers() returns it
 
 
-def bad_input(command: str, error: Exception) -> int:
+def bad_input(command: str, error: Exception | str) -> int:
     """Report `error` on stderr as `routereplay COMMAND: ...`; exit code 2."""
     print(f"routereplay {command}: {error}", file=sys.stderr)
     return EXIT_BAD_INPUT

@@ -79,10 +79,16 @@ def run(args: argparse.Namespace) -> int:
                 except json.JSONDecodeError as error:
                     raise RouteReplayError(f"line {number} is not JSON: {error}") from None
                 for rollout in rollouts_from_saved(args.engine, saved, layout, f"line {number}"):
-                    out.append_rollout(rollout)
+                    try:
+                        out.append_rollout(rollout)
+                    except RouteReplayError as error:
+                        # The writer counts sequences; a user looks for the line.
+                        raise type(error)(f"line {number}: {error}") from None
                     sequences += 1
                     tokens += rollout.prompt_len + rollout.completion_len
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RouteReplayError) as error:
+    except UnicodeDecodeError as error:
+        return bad_input("import", f"{args.payloads} is not UTF-8 text ({error})")
+    except (OSError, json.JSONDecodeError, RouteReplayError) as error:
         return bad_input("import", error)
     report = {
         "output": str(args.output),

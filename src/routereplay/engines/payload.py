@@ -15,15 +15,18 @@ multi-turn rollout into one trace.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from routereplay.checks import exact_int
 from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
+from routereplay.rollout import Rollout
 from routereplay.trace import NO_ROUTE, RoutingTrace
 
 LayerAxis = Literal["all_layers", "routed_layers"]
@@ -66,9 +69,12 @@ def trace_from_rows(
 
 
 def describe(source: str, sequence: SequenceId | None) -> str:
-    """How errors name a sequence: "vllm sequence 'cmpl-1/0'", "sglang payload"."""
+    """How errors name a sequence: "vllm sequence 3", "vllm sequence 'cmpl-1/0'", or a
+    place in a response as given ("vllm line 2, choice 0"), "sglang payload"."""
     if sequence is None:
         return f"{source} payload"
+    if isinstance(sequence, str) and " " in sequence:
+        return sequence if sequence.startswith(f"{source} ") else f"{source} {sequence}"
     # Request ids are quoted so that "sequence 'req-7'" never reads as an index.
     name = repr(sequence) if isinstance(sequence, str) else str(sequence)
     return f"{source} sequence {name}"
@@ -248,6 +254,9 @@ def _sequence_trace(
         raise TraceError(
             f"{where}: engine rows are [rows, layers, top_k], found shape {rows.shape}."
         )
+    prompt_len = exact_int(prompt_len, f"{where}: prompt_len", TraceError)
+    completion_len = exact_int(completion_len, f"{where}: completion_len", TraceError)
+    start = exact_int(start, f"{where}: start", TraceError)
     if prompt_len < 1 or completion_len < 1:
         raise TraceError(
             f"{where}: prompt_len and completion_len must be at least 1, found {prompt_len} "
@@ -261,8 +270,8 @@ def _sequence_trace(
             "routed_experts_prompt_start)."
         )
     try:
-        layout.layer_axis(rows.shape[1])
-    except LayoutError as error:
+        layer_axis(rows.shape[1], layout)
+    except TraceError as error:
         raise TraceError(f"{where}: {error}") from None
     if rows.shape[2] != layout.top_k:
         raise TraceError(
@@ -320,14 +329,65 @@ def require_object(value: Any, where: str) -> Mapping[str, Any]:
 
 
 def token_ids(value: Any, field: str, where: str, hint: str) -> torch.Tensor:
-    """A JSON list of token ids as int64 `[n]`; `hint` says how to make the engine send
-    them (e.g. "send return_token_ids: true with the request")."""
-    if not isinstance(value, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
-    ):
-        found = type(value).__name__ if not isinstance(value, list) else "a list of non-ids"
-        raise TraceError(f"{where}: {field} must be a list of token ids, found {found}: {hint}.")
+    """A sequence of token ids (a JSON list, a tuple, a numpy array) as int64 `[n]`;
+    `hint` says how to make the engine send them when they are missing."""
+    if value is None:
+        raise TraceError(f"{where}: {field} is missing: {hint}.")
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence | np.ndarray):
+        raise TraceError(
+            f"{where}: {field} must be a list of token ids, found {type(value).__name__}."
+        )
+    if isinstance(value, np.ndarray) and value.ndim != 1:
+        raise TraceError(f"{where}: {field} must be 1-D token ids, found shape {value.shape}.")
+    bad = [i for i in value if isinstance(i, bool) or not isinstance(i, Integral) or i < 0]
+    if bad:
+        found = f"{bad[0]!r} in it"
+        raise TraceError(
+            f"{where}: {field} must be a list of non-negative integer token ids, found {found}."
+        )
     try:
-        return torch.tensor(value, dtype=torch.int64)
+        return torch.tensor([int(i) for i in value], dtype=torch.int64)
     except (OverflowError, RuntimeError, ValueError):
         raise TraceError(f"{where}: {field} holds a token id beyond int64.") from None
+
+
+def logprobs(values: Any, completion_len: int | None, where: str) -> torch.Tensor | None:
+    """The engine's log-prob of each sampled token as float32 `[completion_len]`; None
+    when it sent none. `completion_len` None takes any count (one streamed chunk's)."""
+    if values is None:
+        return None
+    if not isinstance(values, Sequence) or not all(
+        isinstance(v, Real) and not isinstance(v, bool) for v in values
+    ):
+        raise TraceError(
+            f"{where}: log-probs must be a list of numbers, one per sampled token, found "
+            f"{type(values).__name__}."
+        )
+    if completion_len is not None and len(values) != completion_len:
+        raise TraceError(
+            f"{where}: logprobs hold {len(values)} values for {completion_len} sampled tokens."
+        )
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+def start_position(value: Any, field: str, where: str) -> int:
+    """A request's routed-experts start (vLLM `routed_experts_prompt_start`, SGLang
+    `routed_experts_start_len`): 0 when not given, else a non-negative integer."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise TraceError(f"{where}: {field} must be a non-negative integer, found {value!r}.")
+    return int(value)
+
+
+def choice_id(request_id: Any, index: Any) -> str | None:
+    """The id of choice `index` of request `request_id`: "cmpl-7/0"; None without an id."""
+    return None if request_id is None else f"{request_id}/{index}"
+
+
+def rollout(where: str, **fields: Any) -> Rollout:
+    """A `Rollout` of `fields`, its errors naming `where`."""
+    try:
+        return Rollout(**fields)
+    except TraceError as error:
+        raise TraceError(f"{where}: {error}") from None

@@ -18,10 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
-
 from routereplay.engines import sglang, vllm
-from routereplay.engines.payload import require_object, token_ids
+from routereplay.engines.payload import require_object
 from routereplay.engines.vllm.server import prompt_start
 from routereplay.errors import TraceError
 from routereplay.layout import MoELayout
@@ -54,6 +52,12 @@ def _vllm(
     response: Any, layout: MoELayout, request: Mapping[str, Any] | None, where: str
 ) -> list[Rollout]:
     if isinstance(response, list | str):  # a streamed call's server-sent-event lines
+        if not all(isinstance(line, str) for line in response):
+            raise TraceError(
+                f"{where}: a saved vLLM line is a response object, a {{request, response}} "
+                "object, or a stream's list of 'data: ...' lines; found a list of "
+                f"{sorted({type(x).__name__ for x in response})}."
+            )
         if request is None:
             raise TraceError(
                 f"{where}: a saved stream needs its request (it holds the prompt): save "
@@ -63,35 +67,5 @@ def _vllm(
     response = require_object(response, where)
     if "choices" in response or "object" in response:
         return vllm.from_response(response, layout, request=request, where=where)
-    return [_flat_completion(response, layout, request, where)]
-
-
-def _flat_completion(
-    saved: Mapping[str, Any], layout: MoELayout, request: Mapping[str, Any] | None, where: str
-) -> Rollout:
-    """One offline completion saved as JSON: token ids, base64 `.npy` routes, and
-    optionally the sampled tokens' `logprobs`."""
-    hint = "save the completion with its prompt_token_ids and token_ids"
-    prompt = token_ids(saved.get("prompt_token_ids"), "prompt_token_ids", where, hint)
-    completion = token_ids(saved.get("token_ids"), "token_ids", where, hint)
-    routes = vllm.from_openai_choice(
-        saved,
-        layout,
-        prompt_len=len(prompt),
-        completion_len=len(completion),
-        prompt_start=prompt_start(request, where),
-        sequence=where,
-    )
-    logprobs = saved.get("logprobs")
-    if logprobs is not None and (
-        not isinstance(logprobs, list) or not all(isinstance(v, int | float) for v in logprobs)
-    ):
-        raise TraceError(f"{where}: logprobs must be a list of numbers, one per sampled token.")
-    return Rollout(
-        prompt_ids=prompt,
-        completion_ids=completion,
-        routes=routes,
-        logprobs=torch.tensor(logprobs, dtype=torch.float32) if logprobs else None,
-        finish_reason=saved.get("finish_reason"),
-        sequence_id=saved.get("id"),
-    )
+    start = prompt_start(request, where)
+    return [vllm.from_saved_completion(response, layout, prompt_start=start, where=where)]

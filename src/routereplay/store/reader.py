@@ -7,6 +7,7 @@ import itertools
 import os
 import zlib
 from collections.abc import Iterator
+from numbers import Integral
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -151,9 +152,11 @@ class TraceFile:
 
     def index_of(self, sequence_id: str) -> int:
         """The index of the sequence named `sequence_id`."""
+        if self._handle is None:
+            raise TraceFileError(f"{self.path} is closed; open it again with TraceFile(path).")
         if self._sequence_ids is None:
             raise TraceFileError(f"{self.path} holds no sequence ids to look {sequence_id!r} up.")
-        if sequence_id not in self._index_of:
+        if not isinstance(sequence_id, str) or sequence_id not in self._index_of:
             raise TraceFileError(f"{self.path} holds no sequence with id {sequence_id!r}.")
         return self._index_of[sequence_id]
 
@@ -286,10 +289,16 @@ class TraceFile:
         self._offsets = offsets
         self._id_starts = np.concatenate([[0], np.cumsum(id_bytes)])
         self._mask_starts = np.concatenate([[0], np.cumsum(mask_bytes)])
+        if version == "1" and names & {"prompt_lens", "sequence_id_offsets", "sequence_ids"}:
+            raise self._damaged(
+                "it says format version 1 but holds version 2's prompt_lens or sequence_ids"
+            )
         id_bytes_total = None
         if "sequence_ids" in names:
-            view = self._handle.get_slice("sequence_ids")
-            id_bytes_total = int(view.get_shape()[0]) if len(view.get_shape()) == 1 else -1
+            shape = self._handle.get_slice("sequence_ids").get_shape()
+            if len(shape) != 1:
+                raise self._damaged(f"tensor 'sequence_ids' is [{shape}], not 1-D bytes")
+            id_bytes_total = int(shape[0])
         sizes = Sizes(
             sequences,
             tokens,
@@ -362,6 +371,11 @@ class TraceFile:
     def _index(self, index: int) -> int:
         if self._handle is None:
             raise TraceFileError(f"{self.path} is closed; open it again with TraceFile(path).")
+        if isinstance(index, bool) or not isinstance(index, Integral):
+            raise TraceFileError(
+                f"{self.path}: a sequence index is an integer, found {index!r}; look a "
+                "sequence id up with index_of."
+            )
         count = len(self)
         if not -count <= index < count:
             raise IndexError(f"{self.path} holds {count} sequences; there is no sequence {index}.")

@@ -8,6 +8,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -263,7 +264,7 @@ class TraceWriter:
                     f"trace file holds {name[2:]} for every sequence or for none."
                 )
         if prompt_len is not None and (
-            not isinstance(prompt_len, int)
+            not isinstance(prompt_len, Integral)
             or isinstance(prompt_len, bool)
             or not 1 <= prompt_len <= count
         ):
@@ -276,6 +277,13 @@ class TraceWriter:
                 raise TraceError(
                     f"{where}: sequence_id must be a string, found {type(sequence_id).__name__}."
                 )
+            try:
+                sequence_id.encode()
+            except UnicodeEncodeError:
+                raise TraceError(
+                    f"{where}: sequence_id {sequence_id!r} is not valid Unicode text (a lone "
+                    "surrogate?); ids are stored as UTF-8."
+                ) from None
             if sequence_id in self._id_index:
                 raise TraceError(
                     f"{where}: sequence_id {sequence_id!r} was given to sequence "
@@ -285,7 +293,7 @@ class TraceWriter:
     def _add_facts(self, prompt_len: int | None, sequence_id: str | None) -> None:
         if prompt_len is not None:
             self._prompt_lens = self._prompt_lens if self._prompt_lens is not None else []
-            self._prompt_lens.append(prompt_len)
+            self._prompt_lens.append(int(prompt_len))
         if sequence_id is not None:
             self._id_index[sequence_id] = self._sequences - 1
             self._sequence_ids = self._sequence_ids if self._sequence_ids is not None else []

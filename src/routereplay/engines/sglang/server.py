@@ -24,7 +24,14 @@ from typing import Any
 
 import torch
 
-from routereplay.engines.payload import require_object, token_ids
+from routereplay.engines.payload import (
+    choice_id,
+    require_object,
+    rollout,
+    start_position,
+    token_ids,
+)
+from routereplay.engines.payload import logprobs as payload_logprobs
 from routereplay.engines.sglang.arrays import from_meta_info
 from routereplay.errors import TraceError
 from routereplay.layout import MoELayout
@@ -45,8 +52,11 @@ def from_generate(
     where: str = "sglang response",
 ) -> list[Rollout]:
     """One `Rollout` per object of a `/generate` response (one object, or a batch)."""
+    if request is not None:
+        require_object(request, f"{where}: request")
     items = response if isinstance(response, list) else [response]
     prompts = _request_prompts(request, len(items), where)
+    samples = len(items) // len(prompts) if prompts else 1
     rollouts = []
     for index, item in enumerate(items):
         here = f"{where}[{index}]" if isinstance(response, list) else where
@@ -58,27 +68,30 @@ def from_generate(
             )
         prompt_field = item.get("prompt_token_ids", item.get("input_ids"))
         if prompt_field is None and prompts is not None:
-            prompt_field = prompts[index]
+            prompt_field = prompts[index // samples]
         prompt = token_ids(prompt_field, "prompt_token_ids", here, _PROMPT_IDS)
         completion = token_ids(item.get("output_ids"), "output_ids", here, "save output_ids")
         sequence_id = meta_info.get("id")
+        if sequence_id is not None and not isinstance(sequence_id, str):
+            raise TraceError(f"{here}: meta_info.id must be a string, found {sequence_id!r}.")
         routes = from_meta_info(
             meta_info,
             layout,
             prompt_len=len(prompt),
             completion_len=len(completion),
-            start_len=_start_len(request, item, index, here),
+            start_len=_start_len(request, item, index // samples, here),
             sequence=here if sequence_id is None else f"{here} ({sequence_id})",
         )
         finish = meta_info.get("finish_reason")
         rollouts.append(
-            Rollout(
+            rollout(
+                here,
                 prompt_ids=prompt,
                 completion_ids=completion,
                 routes=routes,
                 logprobs=_generate_logprobs(meta_info, len(completion), here),
                 finish_reason=finish.get("type") if isinstance(finish, Mapping) else finish,
-                sequence_id=None if sequence_id is None else str(sequence_id),
+                sequence_id=sequence_id,
             )
         )
     return rollouts
@@ -98,10 +111,12 @@ def from_openai_response(
     refused, naming the samples without routes.
     """
     require_object(response, where)
+    if request is not None:
+        require_object(request, f"{where}: request")
     choices = response.get("choices")
     if not isinstance(choices, list) or not choices:
         raise TraceError(f"{where}: an OpenAI-style response has a list of choices, found none.")
-    sglext = response.get("sglext") or {}
+    sglext = require_object(response.get("sglext") or {}, f"{where}: sglext")
     per_choice = all(isinstance(c, Mapping) and "meta_info" in c for c in choices)
     if not per_choice and len(choices) > 1:
         raise TraceError(
@@ -128,7 +143,7 @@ def from_openai_response(
         if completion_field is None and isinstance(output_ids, list) and index < len(output_ids):
             completion_field = output_ids[index]
         completion = token_ids(completion_field, "token_ids", here, _OPENAI_IDS)
-        sequence_id = f"{response['id']}/{index}" if "id" in response else None
+        sequence_id = choice_id(response.get("id"), choice.get("index", index))
         routes = from_meta_info(
             meta_info,
             layout,
@@ -138,7 +153,8 @@ def from_openai_response(
             sequence=here if sequence_id is None else f"{here} ({sequence_id})",
         )
         rollouts.append(
-            Rollout(
+            rollout(
+                here,
                 prompt_ids=prompt,
                 completion_ids=completion,
                 routes=routes,
@@ -172,33 +188,38 @@ def _request_prompts(request: Mapping[str, Any] | None, items: int, where: str) 
     if request is None or request.get("input_ids") is None:
         return None
     prompts = request["input_ids"]
-    if prompts and not isinstance(prompts[0], list):
+    if not isinstance(prompts, list) or not prompts:
+        raise TraceError(
+            f"{where}: the request's input_ids must be a list of token ids or a list of "
+            f"such lists, found {prompts!r}."
+        )
+    if not isinstance(prompts[0], list):
         prompts = [prompts]
-    if not prompts or items % len(prompts):
+    if items % len(prompts):
         raise TraceError(
             f"{where}: the request sends {len(prompts)} prompts but the response holds "
             f"{items} outputs, not a whole number of samples per prompt."
         )
-    samples = items // len(prompts)
-    return [prompts[i // samples] for i in range(items)]
+    return list(prompts)
 
 
 def _start_len(
-    request: Mapping[str, Any] | None, item: Mapping[str, Any], index: int, where: str
+    request: Mapping[str, Any] | None, item: Mapping[str, Any], prompt: int, where: str
 ) -> int:
-    """`routed_experts_start_len`: saved on the item, or the request's (one per prompt)."""
-    value = item.get("routed_experts_start_len")
+    """`routed_experts_start_len`: saved on the item, or the request's (one value, or one
+    per prompt of a batch; `prompt` is the item's prompt index)."""
+    field = "routed_experts_start_len"
+    value = item.get(field)
     if value is None and request is not None:
-        value = request.get("routed_experts_start_len")
+        value = request.get(field)
         if isinstance(value, list):
-            value = value[index] if index < len(value) else None
-    if value is None:
-        return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TraceError(
-            f"{where}: routed_experts_start_len must be a non-negative integer, found {value!r}."
-        )
-    return value
+            if prompt >= len(value):
+                raise TraceError(
+                    f"{where}: the request's {field} holds {len(value)} values, none for "
+                    f"prompt {prompt}: give one per prompt."
+                )
+            value = value[prompt]
+    return start_position(value, field, where)
 
 
 def _generate_logprobs(
@@ -209,15 +230,8 @@ def _generate_logprobs(
     entries = meta_info.get("output_token_logprobs")
     if not entries:
         return None
-    try:
-        values = [float(entry[0]) for entry in entries]
-    except (TypeError, ValueError, IndexError):
+    if not isinstance(entries, list) or not all(isinstance(e, list) and e for e in entries):
         raise TraceError(
             f"{where}: meta_info.output_token_logprobs are not [logprob, token id, ...] entries."
-        ) from None
-    if len(values) != completion_len:
-        raise TraceError(
-            f"{where}: meta_info.output_token_logprobs hold {len(values)} values for "
-            f"{completion_len} sampled tokens."
         )
-    return torch.tensor(values, dtype=torch.float32)
+    return payload_logprobs([entry[0] for entry in entries], completion_len, where)

@@ -10,7 +10,11 @@ engine returns.
 """
 
 from routereplay.engines.vllm.arrays import SOURCE, from_completion, from_openai_choice
-from routereplay.engines.vllm.offline import from_request_output, from_request_outputs
+from routereplay.engines.vllm.offline import (
+    from_request_output,
+    from_request_outputs,
+    from_saved_completion,
+)
 from routereplay.engines.vllm.server import endpoint_of, from_response, from_stream
 
 __all__ = [
@@ -21,5 +25,6 @@ __all__ = [
     "from_request_output",
     "from_request_outputs",
     "from_response",
+    "from_saved_completion",
     "from_stream",
 ]

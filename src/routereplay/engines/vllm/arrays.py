@@ -87,7 +87,8 @@ def from_openai_choice(
         hint = " (this is a whole response: pass one of response['choices'])"
         raise TraceError(
             f"{where}: the choice has no routed_experts"
-            f"{hint if 'choices' in choice else ''}: {SERVER_CAPTURE}."
+            f"{hint if 'choices' in choice else ''}: {SERVER_CAPTURE}. vLLM has no "
+            "per-request switch: the server captures routes for every request or none."
         )
     if isinstance(field, list) or prompt_routed_experts is not None:
         rows = _split_rows(prompt_routed_experts, field, prompt_len, where)
@@ -109,19 +110,29 @@ def decode_npy(payload: Any, field: str, where: str) -> np.ndarray[Any, Any]:
     raw = decode_base64(payload, field, where, "vLLM's server sends base64 of .npy bytes")
     buffer = io.BytesIO(raw)
     try:
-        array = np.lib.format.read_array(buffer, allow_pickle=False)
-    except (ValueError, EOFError, OSError) as error:
+        # The header first: numpy would allocate whatever shape it claims before reading.
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buffer)
+    except (ValueError, EOFError, OSError, SyntaxError, TypeError) as error:
         raise TraceError(
             f"{where}: {field} decodes from base64 but is not a .npy array ({error}); "
             "the server and this decoder disagree on the payload format."
-        ) from error
-    trailing = len(raw) - buffer.tell()
-    if trailing:
+        ) from None
+    if dtype.hasobject or not np.issubdtype(dtype, np.integer):
+        raise TraceError(f"{where}: {field} is a .npy array of {dtype}, not of integer expert ids.")
+    data = len(raw) - buffer.tell()
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if data != expected:
         raise TraceError(
-            f"{where}: {field} holds {trailing} bytes after the .npy array its header "
-            f"describes {list(array.shape)}: the payload is not one vLLM array."
+            f"{where}: {field}'s .npy header describes {list(shape)} {dtype} ids "
+            f"({expected} bytes) but {data} bytes follow it: the payload is not one vLLM "
+            "array (truncated, or bytes appended)."
         )
-    return array
+    array = np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize, offset=buffer.tell())
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def _split_rows(prompt: Any, completion: Any, prompt_len: int, where: str) -> np.ndarray[Any, Any]:
@@ -139,10 +150,16 @@ def _split_rows(prompt: Any, completion: Any, prompt_len: int, where: str) -> np
                 "its choices."
             )
         try:
-            array = np.asarray(value, dtype=np.int64)
+            array = np.asarray(value)
         except (ValueError, TypeError, OverflowError):
             array = None
-        if array is None or (array.ndim != 3 and array.size):
+        if array is not None and not array.size:
+            array = array.astype(np.int64)
+        if (
+            array is None
+            or array.dtype.kind not in "iu"  # floats and strings are no expert ids
+            or (array.ndim != 3 and array.size)
+        ):
             raise TraceError(
                 f"{where}: {version}: {name} is not a [rows, layers, top_k] list of integers."
             )

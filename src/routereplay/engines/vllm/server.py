@@ -25,8 +25,15 @@ from typing import Any
 
 import torch
 
-from routereplay.engines.payload import require_object, token_ids
-from routereplay.engines.vllm.arrays import SERVER_CAPTURE, from_openai_choice
+from routereplay.engines.payload import (
+    choice_id,
+    require_object,
+    rollout,
+    start_position,
+    token_ids,
+)
+from routereplay.engines.payload import logprobs as payload_logprobs
+from routereplay.engines.vllm.arrays import from_openai_choice
 from routereplay.errors import TraceError
 from routereplay.layout import MoELayout
 from routereplay.rollout import Rollout
@@ -49,6 +56,8 @@ def from_response(
     gives the prompt of a generate call and `routed_experts_prompt_start`.
     """
     require_object(response, where)
+    if request is not None:
+        require_object(request, f"{where}: request")
     endpoint = endpoint_of(response, where)
     choices = response.get("choices")
     if not isinstance(choices, list) or not choices:
@@ -60,13 +69,14 @@ def from_response(
     for position, choice in enumerate(choices):
         require_object(choice, f"{where}, choice {position}")
         index = choice.get("index", position)
-        sequence_id = f"{request_id}/{index}" if request_id is not None else None
         here = f"{where}, choice {index}"
         if choice.get("finish_reason") is None and choice.get("routed_experts") is None:
             raise TraceError(
                 f"{here} has no finish_reason: it is a streamed chunk, not a whole response. "
                 "vLLM sends routed_experts only with the final chunk (the one with "
-                "finish_reason): pass all the stream's lines to vllm.from_stream."
+                "finish_reason) of an /inference/v1/generate stream: pass all the stream's "
+                "lines to vllm.from_stream. Chat and completions streams carry no routes: "
+                "request those without stream: true."
             )
         if prompt is None:  # completions: each choice carries its own prompt
             choice_prompt = token_ids(
@@ -76,7 +86,16 @@ def from_response(
             choice_prompt = prompt
         _check_split_prompt(response, rollouts, choice_prompt, here)
         rollouts.append(
-            _rollout(choice, choice_prompt, endpoint, layout, start, response, sequence_id, here)
+            _rollout(
+                choice,
+                choice_prompt,
+                endpoint,
+                layout,
+                start,
+                response,
+                choice_id(request_id, index),
+                here,
+            )
         )
     return rollouts
 
@@ -93,8 +112,14 @@ def from_stream(
     `lines` are the server-sent-event lines as received (`data: {...}`, `data: [DONE]`),
     or their text; `request` is the request body (it holds the prompt).
     """
+    require_object(request, f"{where}: request")
     if isinstance(lines, str):
         lines = lines.splitlines()
+    if not isinstance(lines, Iterable) or isinstance(lines, Mapping | bytes):
+        raise TraceError(
+            f"{where}: a stream is its list of server-sent-event lines (data: ...), found "
+            f"{type(lines).__name__}."
+        )
     tokens: dict[int, list[int]] = {}
     logprobs: dict[int, list[float]] = {}
     finals: dict[int, Mapping[str, Any]] = {}
@@ -176,14 +201,7 @@ def prompt_start(request: Mapping[str, Any] | None, where: str) -> int:
     params = request.get("sampling_params")
     if value is None and isinstance(params, Mapping):
         value = params.get("routed_experts_prompt_start")
-    if value is None:
-        return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TraceError(
-            f"{where}: the request's routed_experts_prompt_start must be a non-negative "
-            f"integer, found {value!r}."
-        )
-    return value
+    return start_position(value, "the request's routed_experts_prompt_start", where)
 
 
 # -- internals ------------------------------------------------------------------------
@@ -238,11 +256,6 @@ def _rollout(
     where: str,
 ) -> Rollout:
     completion = token_ids(choice.get("token_ids"), "token_ids", where, _TOKEN_IDS)
-    if choice.get("routed_experts") is None and response.get("prompt_routed_experts") is None:
-        raise TraceError(
-            f"{where} has no routed_experts: {SERVER_CAPTURE}. (vLLM has no per-request "
-            "switch: the server captures routes for every request or for none.)"
-        )
     routes = from_openai_choice(
         choice,
         layout,
@@ -252,7 +265,8 @@ def _rollout(
         prompt_routed_experts=response.get("prompt_routed_experts"),
         sequence=where if sequence_id is None else f"{where} ({sequence_id})",
     )
-    return Rollout(
+    return rollout(
+        where,
         prompt_ids=prompt,
         completion_ids=completion,
         routes=routes,
@@ -273,17 +287,11 @@ def _logprobs(
     if not isinstance(logprobs, Mapping):
         raise TraceError(f"{where}: logprobs is a {type(logprobs).__name__}, not an object.")
     if endpoint == "completions":
-        values = logprobs.get("token_logprobs")
-    else:
-        content = logprobs.get("content")
-        values = [e.get("logprob") if isinstance(e, Mapping) else e for e in content or []]
-    if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
-        raise TraceError(f"{where}: logprobs hold no per-token log-prob numbers.")
-    if completion_len is not None and len(values) != completion_len:
-        raise TraceError(
-            f"{where}: logprobs hold {len(values)} values for {completion_len} sampled tokens."
-        )
-    return torch.tensor(values, dtype=torch.float32)
+        return payload_logprobs(logprobs.get("token_logprobs"), completion_len, where)
+    content = logprobs.get("content")
+    if not isinstance(content, list) or not all(isinstance(e, Mapping) for e in content):
+        raise TraceError(f"{where}: logprobs.content must be a list of {{logprob, ...}} objects.")
+    return payload_logprobs([e.get("logprob") for e in content], completion_len, where)
 
 
 def _event(line: Any, where: str) -> dict[str, Any] | None:
