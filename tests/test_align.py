@@ -612,3 +612,54 @@ def test_stacking_overlapping_stages_is_rejected() -> None:
 def test_a_plan_with_indices_outside_its_source_is_rejected() -> None:
     with pytest.raises(TraceError, match=r"must lie in \[-1, 3\), found \[0, 3\]"):
         TokenPlan(torch.tensor([0, 3]), torch.tensor([2]), 3, (2,))
+
+
+# -- dropping padding drops only padding ----------------------------------------------------
+
+
+def two_sequences() -> list[RoutingTrace]:
+    ids = torch.arange(4).reshape(1, 1, 4).expand(5, 2, 4) % 8
+    return [RoutingTrace(ids[:3], (1, 2), 8), RoutingTrace(ids[:5], (1, 2), 8)]
+
+
+def test_unpadding_from_the_wrong_side_is_refused_not_shifted() -> None:
+    batch = pad_traces(two_sequences(), 6, side="right")
+    with pytest.raises(
+        TraceError,
+        match=r"row 0, position 0 holds routes, but the given lengths and padding make it padding",
+    ):
+        unpad_traces(batch, torch.tensor([3, 5]), side="left")
+
+
+def test_unpadding_with_wrong_lengths_of_the_same_total_is_refused() -> None:
+    batch = pad_traces(two_sequences(), 6, side="right")
+    with pytest.raises(
+        TraceError, match=r"holds routes, but the given lengths and padding make it padding"
+    ):
+        unpad_traces(batch, torch.tensor([2, 6]))
+
+
+def test_unpacking_with_a_wrong_multiple_is_refused() -> None:
+    packed, _ = pack_traces(two_sequences(), multiple=4)  # 3 + 1, 5 + 3: 12 tokens
+    # Multiple 6 gives the same total (6 + 6), but its padding holds sequence 1's rows.
+    with pytest.raises(
+        TraceError,
+        match=r"position 4 holds routes, but the given lengths and padding make it padding",
+    ):
+        unpack_traces(packed, torch.tensor([3, 5]), multiple=6)
+
+
+def test_token_ids_travel_with_their_routes_through_pad_pack_and_back() -> None:
+    traces = [
+        t.with_tokens(torch.arange(t.num_rows) + 10 * i) for i, t in enumerate(two_sequences())
+    ]
+    batch = pad_traces(traces, 6, side="left")
+    assert batch.tokens is not None
+    assert batch.tokens.tolist() == [[-1, -1, -1, 0, 1, 2], [-1, 10, 11, 12, 13, 14]]
+    back = unpad_traces(batch, torch.tensor([3, 5]), side="left")
+    assert [t.tokens.tolist() for t in back if t.tokens is not None] == [
+        [0, 1, 2],
+        [10, 11, 12, 13, 14],
+    ]
+    packed, _ = pack_traces(traces, multiple=4)
+    assert packed.tokens is not None and packed.tokens.tolist()[:4] == [0, 1, 2, -1]

@@ -326,14 +326,14 @@ def test_a_wrong_top_k_is_refused(qwen: tuple) -> None:
         pass
 
 
-def test_a_wrong_token_count_names_layer_and_both_counts(qwen: tuple) -> None:
+def test_a_wrong_token_count_names_the_micro_batch_and_both_shapes(qwen: tuple) -> None:
     model, controller, trace = qwen
     with (
-        controller.replay(trace),
         pytest.raises(
             ReplayError,
-            match=r"Layer 1, micro-batch 0: the router sees 16 tokens but the routes hold 18 rows \(token axes \[2, 9\]\)",
+            match=r"Micro-batch 0: the batch has token axes \[2, 8\] \(16 tokens\); the trace holds \[2, 9\] \(18\)",
         ),
+        controller.replay(trace),
     ):
         model(token_ids(seq=8))
 
@@ -436,3 +436,31 @@ def test_layers_wrapped_by_checkpoint_wrapper_are_still_found() -> None:
         model(ids, use_cache=False).logits.sum().backward()
     assert controller.totals().replayed == 3 * BATCH * SEQ
     assert all(s.recomputed == BATCH * SEQ for s in controller.stats().values())
+
+
+def test_a_second_attach_on_one_model_is_refused() -> None:
+    model = tiny_model("qwen3_moe")
+    first = routereplay.attach(model)
+    with pytest.raises(
+        ReplayError, match=r"are already attached to a controller.*detach the first"
+    ):
+        routereplay.attach(model)
+    first.detach()
+    routereplay.attach(model).detach()  # once detached, the model takes a new controller
+
+
+def test_a_strict_replay_that_no_router_asked_is_an_error() -> None:
+    model = tiny_model("qwen3_moe")
+    controller = routereplay.attach(model)
+    ids = token_ids()
+    trace = recorded(controller, model, ids)
+    controller.detach()  # the model now runs without this controller
+    with (
+        pytest.raises(
+            ReplayError,
+            match=r"no router asked this controller for ids during replay\(\): nothing was replayed",
+        ),
+        torch.no_grad(),
+        controller.replay(trace),
+    ):
+        model(ids)

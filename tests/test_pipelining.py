@@ -12,6 +12,7 @@ a single-process replay of the same routes, never from routereplay or the schedu
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
@@ -40,6 +41,7 @@ import routereplay
 from routereplay import ReplayError, RoutingTrace
 from routereplay.integrations.pipelining import (
     build_stages,
+    check_stage_routes,
     gather_recording,
     pipeline_replay,
     sequence_traces,
@@ -149,8 +151,9 @@ def bad_routes(rank: int) -> dict[str, str | None]:
     errors: dict[str, str | None] = {}
     for name, given in wrong.items():
         try:
-            with pipeline_replay(stages, given, MICRO_BATCHES):
-                pass
+            # What pipeline_replay checks on entry, before the schedule runs.
+            for stage in stages:
+                check_stage_routes(stage, given, MICRO_BATCHES)
             errors[name] = None
         except ReplayError as error:
             errors[name] = str(error)
@@ -414,3 +417,36 @@ def test_a_stage_failing_inside_the_schedule_names_itself() -> None:
         r"routes for this layer \(it covers \[3, 4, 5, 7\]\)",
         str(failure.value),
     ), str(failure.value)
+
+
+def one_rank_with_bad_routes(rank: int) -> str:
+    """Rank 1 lacks a layer its stage routes; rank 0's routes are fine. Both enter
+    pipeline_replay: the one collective of its checks must fail both, at once."""
+    model = build_model()
+    controller = routereplay.attach(model)
+    stages = build_stages(model, controller, 2, rank, (MICRO_BATCH, SEQ))
+    routes = random_routes()
+    if rank == 1:
+        routes = {mb: t.select_layers([3, 4, 5, 7]) for mb, t in routes.items()}
+    schedule = Schedule1F1B(stages[0], n_microbatches=MICRO_BATCHES, loss_fn=loss_fn)
+    input_ids, targets = batch()
+    try:
+        with pipeline_replay(stages, routes, MICRO_BATCHES):
+            schedule.step(*((input_ids,) if rank == 0 else ()), target=targets)
+    except ReplayError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_rank_whose_routes_fail_the_checks_fails_every_rank_before_the_schedule() -> None:
+    start = time.monotonic()
+    messages = run_on_ranks(one_rank_with_bad_routes, timeout_s=60.0)
+    assert time.monotonic() - start < 45  # no rank waits out a process-group timeout
+    assert re.search(
+        r"^stage 1 \(pp_rank 1\), layer 6, micro-batch 0: the routes have no layer 6", messages[1]
+    )
+    assert re.search(
+        r"^stage 0 \(pp_rank 0\): pipeline rank 1 of this group failed its route checks, so no "
+        r"rank runs the schedule: stage 1 \(pp_rank 1\), layer 6",
+        messages[0],
+    ), messages[0]

@@ -16,7 +16,7 @@ There is no process-global state; two controllers never see each other's routes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +91,11 @@ class ReplayController:
         # The ids each layer used last, for losses computed after the forward (aux loss).
         self._last_ids: dict[int, torch.Tensor] = {}
         self._detachers: list[Callable[[], None]] = []
+        # Routers adapters ever attached (kept after detach: replaying then is an error).
+        self._routers: set[int] = set()
         self._serial = 0
+        # The tokens of each micro-batch's first forward in this context.
+        self._forwards: dict[MicroBatch, Tokens] = {}
 
     # -- modes --------------------------------------------------------------------------
 
@@ -138,6 +142,14 @@ class ReplayController:
             with self._context(Mode.REPLAY):
                 self._routes = by_batch
                 yield
+                if self.strict and self._routers and not self._visited:
+                    raise ReplayError(
+                        f"{self.label + ': ' if self.label else ''}no router asked this "
+                        "controller for ids during replay(): nothing was replayed. The "
+                        "model ran without this controller's routers (it was detached, or "
+                        "another attach replaced its patches), or no forward ran inside "
+                        "the context."
+                    )
         finally:
             self.strict = previous_strict
 
@@ -181,13 +193,44 @@ class ReplayController:
         self.set_tokens(token_shape, padding)
 
     def set_tokens(
-        self, token_shape: tuple[int, ...] | None, padding: torch.Tensor | None = None
+        self,
+        token_shape: tuple[int, ...] | None,
+        padding: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
     ) -> None:
-        """Publish the token axes (and padding) of the forward now running; the
-        micro-batch key stays. Adapters call this from a model's pre-forward hook."""
-        self._tokens = None if token_shape is None else Tokens(tuple(token_shape), padding)
+        """Publish the token axes, padding and token ids of the forward now running; the
+        micro-batch key stays. Adapters call this from a model's pre-forward hook.
+
+        In replay, the micro-batch's trace is checked against them here, once per
+        forward: its token axes, that padding holds no route, and that its token ids
+        (engine traces carry them) are the batch's, position by position. A second
+        forward of other tokens under one micro-batch key is an error in record and
+        replay alike: recompute runs the same tokens again, a new batch needs its key.
+        """
+        if token_shape is None:
+            self._tokens = None
+            return
+        tokens = Tokens(tuple(token_shape), padding, token_ids)
+        if self._mode is not Mode.OFF:
+            self._check_same_batch(tokens)
+        # With only a shape to go on, the routers' own checks name the layer as well.
+        if self._mode is Mode.REPLAY and (padding is not None or token_ids is not None):
+            trace = self._routes.get(self._micro_batch)
+            if trace is not None:
+                check_batch(trace, tokens, self._where())
+        self._tokens = tokens
 
     # -- attachment -----------------------------------------------------------------------
+
+    def add_router(self, layer: int) -> None:
+        """An adapter attached a router of global `layer` to this controller: a strict
+        replay in which none of them asks for ids is then an error."""
+        self._routers.add(layer)
+
+    def limit_routers(self, layers: Iterable[int]) -> None:
+        """Of the routers attached, only global `layers` run in this process (one
+        pipeline rank's stages of a model attached whole)."""
+        self._routers &= set(layers)
 
     def on_detach(self, undo: Callable[[], None]) -> None:
         """Register what `detach()` must undo (an adapter's hooks and patches)."""
@@ -255,6 +298,29 @@ class ReplayController:
             return native
         return self._replay(key, native, num_experts)
 
+    def _check_same_batch(self, tokens: Tokens) -> None:
+        """A second forward under one micro-batch key must run the same tokens."""
+        first = self._forwards.setdefault(self._micro_batch, tokens)
+        if first is tokens:
+            return
+        same = first.shape == tokens.shape
+        if same and first.ids is not None and tokens.ids is not None:
+            same = bool(torch.equal(first.ids.to(tokens.ids.device), tokens.ids))
+        if not same:
+            raise ReplayError(
+                f"{self._where()}: a second forward runs other tokens (token axes "
+                f"{list(tokens.shape)}, the first forward's {list(first.shape)}) under the "
+                f"same micro-batch key in one {self._mode.value} context. Its routers would "
+                "get the first batch's ids as if recomputing. Run each batch under its own "
+                "controller.micro_batch(key), or one context per batch; model.generate() "
+                "runs a forward per new token: record generation with "
+                "routereplay.engines.hf.RecordingEngine."
+            )
+
+    def _where(self) -> str:
+        where = f"micro-batch {self._micro_batch!r}"
+        return f"{self.label}, {where}" if self.label else where.capitalize()
+
     # -- statistics -------------------------------------------------------------------
 
     def stats(self) -> dict[int, LayerStats]:
@@ -287,7 +353,7 @@ class ReplayController:
         try:
             yield
             if self._recording is not None:
-                self._recording._ids = dict(self._decided)
+                self._recording.keep(self._decided)
         finally:
             # Whatever happened inside, leave nothing behind for the next step.
             self._mode = Mode.OFF
@@ -295,10 +361,12 @@ class ReplayController:
             self._recording = None
             self._decided = {}
             self._visited = set()
+            self._forwards = {}
             self._micro_batch, self._tokens = entry_micro_batch
 
     def _recorded(self, ids: torch.Tensor, key: tuple[MicroBatch, int]) -> torch.Tensor:
-        """Compact copy of `ids [tokens, top_k]` to keep, padding rows as -1."""
+        """Compact copy of `ids [tokens, top_k]` to keep; the recording marks padding
+        rows -1 when it is read (a recompute must get the native ids, padding too)."""
         kept = ids.detach().to(storage_dtype(self.layout.num_experts))
         tokens = self._tokens
         if tokens is None:
@@ -309,10 +377,8 @@ class ReplayController:
                 f"but the token shape published for this forward is {list(tokens.shape)}."
             )
         if self._recording is not None:
-            self._recording._token_shapes.setdefault(key[0], tokens.shape)
-        if tokens.padding is None:
-            return kept
-        return kept.masked_fill(tokens.padding.reshape(-1, 1).to(kept.device), NO_ROUTE)
+            self._recording.note_tokens(key[0], tokens)
+        return kept
 
     def _replay(
         self, key: tuple[MicroBatch, int], native: torch.Tensor, num_experts: int
@@ -437,3 +503,58 @@ def _check_replayable(trace: RoutingTrace, layout: MoELayout, micro_batch: Micro
         trace.recheck()
     except TraceError as error:
         raise ReplayError(f"Micro-batch {micro_batch!r}: {error}") from error
+
+
+def check_batch(trace: RoutingTrace, tokens: Tokens, where: str) -> None:
+    """Raise unless `trace` can be replayed on the forward of `tokens`: the same token
+    axes, no route on a padding position, and, where both know them, the same token
+    ids position by position. The token ids catch every shifted, swapped or wrongly
+    padded row before a route is used."""
+    if trace.num_rows != int(np.prod(tokens.shape)):
+        raise ReplayError(
+            f"{where}: the batch has token axes {list(tokens.shape)} "
+            f"({int(np.prod(tokens.shape))} tokens); the trace holds "
+            f"{list(trace.leading_shape)} ({trace.num_rows}). Align the trace to the "
+            "trainer's batch (padding, packing, micro-batch split) before replay."
+        )
+    if len(trace.leading_shape) == len(tokens.shape) and trace.leading_shape != tokens.shape:
+        raise ReplayError(
+            f"{where}: the batch has token axes {list(tokens.shape)}; the trace "
+            f"{list(trace.leading_shape)}: the same count, laid out otherwise (batch-first "
+            "vs sequence-first?). Lay the trace out as the batch is."
+        )
+    shape = trace.leading_shape
+    if tokens.padding is not None:
+        padding = tokens.padding.to("cpu").reshape(shape)
+        routed = (trace.experts[..., 0] != NO_ROUTE).any(-1)  # [*shape]
+        wrong = routed & padding
+        if bool(wrong.any()):
+            position = _position(wrong)
+            raise ReplayError(
+                f"{where}: the trace routes {position}, which the attention mask marks "
+                f"padding ({int(wrong.sum())} such positions): the trace is padded on the "
+                "other side, or shifted. Lay it out with the batch's mask "
+                "(align.pad_traces(..., mask=attention_mask))."
+            )
+    if trace.tokens is None or tokens.ids is None:
+        return
+    batch_ids = tokens.ids.detach().to("cpu", torch.int64).reshape(shape)
+    expected = trace.tokens.long()
+    wrong = (expected >= 0) & (expected != batch_ids)
+    if bool(wrong.any()):
+        index = tuple(int(i) for i in wrong.nonzero()[0])
+        raise ReplayError(
+            f"{where}: the trace was recorded for token {int(expected[index])} at "
+            f"{_position(wrong)}, but the batch holds token {int(batch_ids[index])} there "
+            f"({int(wrong.sum())} of {int((expected >= 0).sum())} known positions differ): "
+            "the routes belong to other tokens (a shifted, swapped or wrongly padded row, "
+            "or another rollout). Align the rollout's trace to this batch."
+        )
+
+
+def _position(mask: torch.Tensor) -> str:
+    """'sequence 1, position 4' (or 'position 4') of the first True in `mask`."""
+    index = [int(i) for i in mask.nonzero()[0]]
+    if len(index) == 2:
+        return f"sequence {index[0]}, position {index[1]}"
+    return f"position {', '.join(map(str, index))}"

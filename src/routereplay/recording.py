@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from routereplay.errors import ReplayError, TraceError
-from routereplay.trace import RoutingTrace
+from routereplay.trace import NO_ROUTE, RoutingTrace
 
 MicroBatch = Hashable
 
@@ -20,16 +20,31 @@ class Tokens:
 
     shape:   the token axes, e.g. `(batch, seq)`; a recorded trace takes this shape.
     padding: bool `[*shape]`, True for padding tokens, recorded as -1 (no route).
+    ids:     the token ids `[*shape]` (the model's `input_ids`), when the adapter sees
+             them: replay checks them against the trace's, recording keeps them.
     """
 
     shape: tuple[int, ...]
     padding: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.padding is not None and tuple(self.padding.shape) != self.shape:
-            raise ReplayError(
-                f"The padding mask has shape {tuple(self.padding.shape)}, the tokens {self.shape}."
-            )
+        for name in ("padding", "ids"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != self.shape:
+                raise ReplayError(
+                    f"The {'padding mask' if name == 'padding' else 'token ids'} have shape "
+                    f"{tuple(value.shape)}, the token axes {self.shape}."
+                )
+
+    def known_ids(self) -> torch.Tensor | None:
+        """`ids` with padding as -1 (unknown), on the host: what a trace keeps."""
+        if self.ids is None:
+            return None
+        ids = self.ids.detach().to("cpu", torch.int64)
+        if self.padding is not None:
+            ids = ids.masked_fill(self.padding.to("cpu"), -1)
+        return ids
 
 
 class Recording:
@@ -39,7 +54,16 @@ class Recording:
         self._num_experts = num_experts
         self._source = source
         self._ids: dict[tuple[MicroBatch, int], torch.Tensor] = {}
-        self._token_shapes: dict[MicroBatch, tuple[int, ...]] = {}
+        self._tokens: dict[MicroBatch, Tokens] = {}
+
+    def note_tokens(self, micro_batch: MicroBatch, tokens: Tokens) -> None:
+        """The tokens micro-batch `micro_batch` ran (its first forward's): the recorded
+        trace's token axes and token ids."""
+        self._tokens.setdefault(micro_batch, tokens)
+
+    def keep(self, ids: dict[tuple[MicroBatch, int], torch.Tensor]) -> None:
+        """The ids `[tokens, top_k]` each (micro-batch, layer) routed, at context exit."""
+        self._ids = dict(ids)
 
     @property
     def micro_batches(self) -> list[MicroBatch]:
@@ -73,7 +97,12 @@ class Recording:
                 f"layers ({sorted(rows)}): it was not one micro-batch."
             )
         experts = torch.stack([ids.cpu() for ids in per_layer], dim=1)  # [tokens, layers, k]
-        shape = self._token_shapes.get(micro_batch)
-        if shape is not None:
-            experts = experts.reshape(*shape, *experts.shape[1:])
-        return RoutingTrace(experts, tuple(layers), self._num_experts, self._source)
+        tokens = self._tokens.get(micro_batch)
+        if tokens is None:
+            return RoutingTrace(experts, tuple(layers), self._num_experts, self._source)
+        experts = experts.reshape(*tokens.shape, *experts.shape[1:])
+        if tokens.padding is not None:  # padding has no route
+            experts = experts.masked_fill(tokens.padding.to("cpu")[..., None, None], NO_ROUTE)
+        return RoutingTrace(
+            experts, tuple(layers), self._num_experts, self._source, tokens.known_ids()
+        )

@@ -58,12 +58,22 @@ class Rollout:
                 f"{type(self.routes).__name__}."
             )
         total = len(self.prompt_ids) + len(self.completion_ids)
-        if self.routes is not None and self.routes.leading_shape != (total,):
-            raise TraceError(
-                f"{where}: routes cover tokens {list(self.routes.leading_shape)}, the rollout "
-                f"{len(self.prompt_ids)} prompt + {len(self.completion_ids)} completion = "
-                f"{total} tokens: one row per token."
-            )
+        if self.routes is not None:
+            if self.routes.leading_shape != (total,):
+                raise TraceError(
+                    f"{where}: routes cover tokens {list(self.routes.leading_shape)}, the "
+                    f"rollout {len(self.prompt_ids)} prompt + {len(self.completion_ids)} "
+                    f"completion = {total} tokens: one row per token."
+                )
+            # The routes know their tokens, so replay can check them against the batch.
+            ids = self.token_ids
+            if self.routes.tokens is None:
+                object.__setattr__(self, "routes", self.routes.with_tokens(ids))
+            elif not torch.equal(self.routes.tokens.long(), ids):
+                raise TraceError(
+                    f"{where}: the routes were recorded for other token ids than the "
+                    "rollout's prompt and completion."
+                )
         if self.logprobs is not None:
             if not isinstance(self.logprobs, torch.Tensor):
                 raise TraceError(

@@ -43,12 +43,17 @@ class RoutingTrace:
 
     Stored in the compact dtype of `storage_dtype(num_experts)`; `expert_ids()` widens
     to int64 for indexing. Construction validates everything (see `validate`).
+
+    `tokens [...]` (int32, optional): the token id each row was routed for, -1 where
+    unknown (padding). Engines' traces carry them, every transform keeps them next to
+    their rows, and replay checks them against the batch the model sees.
     """
 
     experts: torch.Tensor
     layers: tuple[int, ...]
     num_experts: int
     source: str = "recorded"
+    tokens: torch.Tensor | None = None
     # `experts._version` when the ids were last validated (see `recheck`).
     _checked_version: int = field(default=-1, init=False, repr=False)
 
@@ -70,6 +75,7 @@ class RoutingTrace:
         _check_range(experts, layers, self.num_experts)
         object.__setattr__(self, "experts", experts.to(storage_dtype(self.num_experts)))
         object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "tokens", _as_token_ids(self.tokens, self.leading_shape))
         self.validate()
         self._checked()
 
@@ -195,7 +201,8 @@ class RoutingTrace:
                 f"Index {index!r} leaves no token axis of this {self.source} trace (token "
                 f"axes {list(self.leading_shape)}): an int picks one sequence of a batch."
             )
-        return self._derived(experts, self.layers)
+        tokens = None if self.tokens is None else self.tokens[index]
+        return self.derive(experts, self.layers, tokens)
 
     def transpose_tokens(self) -> RoutingTrace:
         """`[a, b, layers, top_k]` -> `[b, a, layers, top_k]` (contiguous): batch-first to
@@ -205,7 +212,8 @@ class RoutingTrace:
                 f"Transposing token axes needs two of them; this {self.source} trace has "
                 f"{list(self.leading_shape)}."
             )
-        return self._derived(self.experts.transpose(0, 1).contiguous(), self.layers)
+        tokens = None if self.tokens is None else self.tokens.transpose(0, 1).contiguous()
+        return self.derive(self.experts.transpose(0, 1).contiguous(), self.layers, tokens)
 
     def without_tokens(self, mask: torch.Tensor) -> RoutingTrace:
         """The trace with the token positions `mask` (bool `[*token axes]`) set to -1 (no
@@ -216,17 +224,19 @@ class RoutingTrace:
                 f"found {mask.dtype} {list(mask.shape)}."
             )
         experts = self.experts.masked_fill(mask[..., None, None].to(self.experts.device), NO_ROUTE)
-        return self._derived(experts, self.layers)
+        return self.derive(experts, self.layers, self.tokens)
 
     def select_layers(self, layers: Iterable[int]) -> RoutingTrace:
         """The trace restricted to global `layers` (e.g. one pipeline stage's routed layers)."""
         wanted = sorted(set(int(i) for i in layers))
         slots = [self.slot(i) for i in wanted]
-        return self._derived(self.experts[..., slots, :], tuple(wanted))
+        return self.derive(self.experts[..., slots, :], tuple(wanted), self.tokens)
 
     def reshape_tokens(self, *shape: int) -> RoutingTrace:
         """Same routes with the token axes reshaped, e.g. `[batch, seq]` -> `[tokens]`."""
-        return self._derived(self.experts.reshape(*shape, *self.experts.shape[-2:]), self.layers)
+        experts = self.experts.reshape(*shape, *self.experts.shape[-2:])
+        tokens = None if self.tokens is None else self.tokens.reshape(experts.shape[:-2])
+        return self.derive(experts, self.layers, tokens)
 
     @classmethod
     def from_all_layers(
@@ -282,14 +292,24 @@ class RoutingTrace:
             f"top_k={self.top_k}, num_experts={self.num_experts}, source={self.source!r})"
         )
 
-    def _derived(self, experts: torch.Tensor, layers: tuple[int, ...]) -> RoutingTrace:
-        # Slices of a valid trace are valid: skip the O(tokens) checks.
+    def with_tokens(self, tokens: torch.Tensor | np.ndarray[Any, Any] | None) -> RoutingTrace:
+        """The same routes, recorded for `tokens [*token axes]` (-1 where unknown)."""
+        checked = _as_token_ids(tokens, self.leading_shape)
+        return self.derive(self.experts, self.layers, checked)
+
+    def derive(
+        self, experts: torch.Tensor, layers: tuple[int, ...], tokens: torch.Tensor | None
+    ) -> RoutingTrace:
+        """A trace of this one's expert count and source over `experts [..., layers,
+        top_k]` and `tokens [...]`, unchecked: for transforms (align's plans) that only
+        move rows of a valid trace or write -1 rows, which are valid by construction."""
         trace = object.__new__(RoutingTrace)
         for name, value in (
             ("experts", experts),
             ("layers", layers),
             ("num_experts", self.num_experts),
             ("source", self.source),
+            ("tokens", tokens),
         ):
             object.__setattr__(trace, name, value)
         trace._checked()
@@ -320,6 +340,34 @@ def _as_int_tensor(experts: ExpertArray, name: str) -> torch.Tensor:
             raise TraceError(f"{name} holds uint64 ids beyond int64; no expert id is that big.")
         return experts.to(wide_dtype)
     return experts
+
+
+def _as_token_ids(
+    tokens: torch.Tensor | np.ndarray[Any, Any] | None, shape: tuple[int, ...]
+) -> torch.Tensor | None:
+    """`tokens` as int32 `[*shape]`, ids >= 0 or -1 (unknown), or None."""
+    if tokens is None:
+        return None
+    if isinstance(tokens, np.ndarray):
+        tokens = torch.from_numpy(np.asarray(tokens))
+    if (
+        not isinstance(tokens, torch.Tensor)
+        or tokens.is_floating_point()
+        or tokens.dtype == torch.bool
+    ):
+        found = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TraceError(f"tokens must be an integer tensor of token ids, found {found}.")
+    if tuple(tokens.shape) != shape:
+        raise TraceError(
+            f"tokens have shape {list(tokens.shape)}; one per row of the token axes {list(shape)}."
+        )
+    wide = tokens.long()
+    if wide.numel() and (int(wide.min()) < -1 or int(wide.max()) > torch.iinfo(torch.int32).max):
+        raise TraceError(
+            f"token ids must lie in [0, 2**31) or be -1 (unknown), found "
+            f"{int(wide.min())}..{int(wide.max())}."
+        )
+    return wide.to(torch.int32)
 
 
 def _check_range(experts: torch.Tensor, layers: Sequence[int], num_experts: int) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from routereplay.align.plan import Lengths, TokenPlan, as_lengths, check_size, ragged_arange, starts
+from routereplay.checks import exact_int
 from routereplay.errors import LayoutError, TraceError
 
 
@@ -27,7 +28,20 @@ class MicroBatches:
     num_sequences: int
 
     def __post_init__(self) -> None:
-        seen = torch.cat([*self.groups, torch.zeros(0, dtype=torch.int64)])
+        object.__setattr__(
+            self, "num_sequences", exact_int(self.num_sequences, "num_sequences", TraceError)
+        )
+        for index, group in enumerate(self.groups):
+            if not isinstance(group, torch.Tensor) or group.dtype not in (
+                torch.int64,
+                torch.int32,
+            ):
+                found = group.dtype if isinstance(group, torch.Tensor) else type(group).__name__
+                raise TraceError(
+                    f"Micro-batch group {index} must be an int64 tensor of sequence indices, "
+                    f"found {found}."
+                )
+        seen = torch.cat([*self.groups, torch.zeros(0, dtype=torch.int64)]).long()
         counts = torch.bincount(seen.clamp(min=0), minlength=self.num_sequences)
         negative = seen.numel() > 0 and int(seen.min()) < 0
         if negative or seen.numel() != self.num_sequences or bool((counts != 1).any()):
@@ -67,6 +81,9 @@ def fixed_micro_batches(num_sequences: int, micro_batch_size: int) -> MicroBatch
     """Consecutive groups of `micro_batch_size` sequences in batch order; the last one
     holds the remainder when the batch does not divide."""
     check_size(micro_batch_size, "micro_batch_size")
+    num_sequences = exact_int(num_sequences, "num_sequences", TraceError)
+    if num_sequences < 0:
+        raise TraceError(f"num_sequences must be at least 0, found {num_sequences}.")
     index = torch.arange(num_sequences)
     return MicroBatches(tuple(torch.split(index, micro_batch_size)), num_sequences)
 

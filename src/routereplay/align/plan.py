@@ -156,11 +156,13 @@ class TokenPlan:
                 f"(token axes {list(trace.leading_shape)})."
             )
         rows = trace.experts.reshape(self.num_source, *trace.experts.shape[-2:])
+        tokens = token_rows(trace)
+        tokens = None if tokens is None else self.apply(tokens, PAD)  # padding: unknown
         if layers is None:
-            return derived(trace, self.apply(rows, PAD), trace.layers)
+            return trace.derive(self.apply(rows, PAD), trace.layers, tokens)
         kept = layer_runs(trace, layers)
         experts = kept.join(lambda first, end: self.apply(rows[:, first:end], PAD))
-        return derived(trace, experts, kept.layers)
+        return trace.derive(experts, kept.layers, tokens)
 
     def then(self, inner: TokenPlan) -> TokenPlan:
         """The plan that applies `self`, then `inner` (whose source axis is `self`'s output)."""
@@ -264,10 +266,17 @@ def restore_trace(
                 f"{first_name} covers {list(first.layers)[:8]} of {first.num_experts}: restore "
                 "one layer slice at a time (or stack_stages first)."
             )
-    experts = [trace.experts for _, trace, _ in named]
-    keyed: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor]
-    keyed = dict(zip(plans, experts, strict=True)) if isinstance(plans, Mapping) else experts
-    return derived(first, restore(keyed, plans), first.layers)
+
+    def restored(parts: list[torch.Tensor]) -> torch.Tensor:
+        keyed: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor]
+        keyed = dict(zip(plans, parts, strict=True)) if isinstance(plans, Mapping) else parts
+        return restore(keyed, plans)
+
+    experts = restored([trace.experts for _, trace, _ in named])
+    tokens = [trace.tokens for _, trace, _ in named]
+    if any(t is None for t in tokens):
+        return first.derive(experts, first.layers, None)
+    return first.derive(experts, first.layers, restored([t for t in tokens if t is not None]))
 
 
 class LayerRuns(NamedTuple):
@@ -302,10 +311,9 @@ def layer_runs(trace: RoutingTrace, layers: Iterable[int]) -> LayerRuns:
     return LayerRuns(wanted, tuple(runs) or ((0, 0),))
 
 
-def derived(trace: RoutingTrace, experts: torch.Tensor, layers: tuple[int, ...]) -> RoutingTrace:
-    """A trace of `trace`'s experts count and source over new `experts`, unchecked: rows
-    moved from a valid trace, and -1 rows, are valid by construction."""
-    return trace._derived(experts, layers)
+def token_rows(trace: RoutingTrace) -> torch.Tensor | None:
+    """`trace.tokens` flat, `[num_rows]`, or None: what plans move next to the ids."""
+    return None if trace.tokens is None else trace.tokens.reshape(-1)
 
 
 # -- index arithmetic ---------------------------------------------------------------------
@@ -316,7 +324,12 @@ def as_lengths(lengths: Lengths, what: str = "lengths") -> torch.Tensor:
     if isinstance(lengths, torch.Tensor):
         tensor = lengths
     else:
-        array = np.asarray(lengths)
+        try:
+            array = np.asarray(lengths)
+        except (ValueError, TypeError, OverflowError):  # ragged, or ids beyond any dtype
+            array = np.asarray(None)
+        if array.dtype.kind not in "iub" and array.size:
+            raise TraceError(f"{what} must be a 1-D integer sequence, found {str(lengths)[:60]!r}.")
         tensor = torch.as_tensor(array if array.size else array.astype(np.int64))
     if tensor.ndim != 1 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
         raise TraceError(

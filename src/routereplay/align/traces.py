@@ -17,14 +17,14 @@ from routereplay.align.plan import (
     Lengths,
     TokenPlan,
     as_lengths,
-    derived,
     layer_runs,
     restore,
+    token_rows,
 )
 from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
-from routereplay.trace import RoutingTrace
+from routereplay.trace import NO_ROUTE, RoutingTrace
 
 
 def concat_traces(
@@ -59,11 +59,25 @@ def concat_traces(
     found = torch.tensor([trace.experts.shape[0] for trace in traces], dtype=torch.int64)
     if lengths is not None:
         _check_lengths(as_lengths(lengths), found, "the lengths say")
+    with_tokens = [trace.tokens is not None for trace in traces]
+    if any(with_tokens) and not all(with_tokens):
+        index = with_tokens.index(not with_tokens[0])
+        raise TraceError(
+            f"Sequence {index}'s trace {'has' if with_tokens[index] else 'has no'} token ids "
+            f"and sequence 0's {'has' if with_tokens[0] else 'has none'}: join traces that "
+            "all know their tokens (engine traces), or none (RoutingTrace.with_tokens)."
+        )
+    tokens = (
+        torch.cat([trace.tokens for trace in traces if trace.tokens is not None])
+        if all(with_tokens)
+        else None
+    )
     if layers is None:
-        return derived(first, torch.cat([trace.experts for trace in traces]), first.layers), found
+        experts = torch.cat([trace.experts for trace in traces])
+        return first.derive(experts, first.layers, tokens), found
     kept = layer_runs(first, layers)
     experts = kept.join(lambda a, b: torch.cat([trace.experts[:, a:b] for trace in traces]))
-    return derived(first, experts, kept.layers), found
+    return first.derive(experts, kept.layers, tokens), found
 
 
 def split_traces(trace: RoutingTrace, lengths: Lengths) -> list[RoutingTrace]:
@@ -76,7 +90,14 @@ def split_traces(trace: RoutingTrace, lengths: Lengths) -> list[RoutingTrace]:
             f"{trace.num_rows} (token axes {list(trace.leading_shape)})."
         )
     rows = trace.experts.reshape(trace.num_rows, *trace.experts.shape[-2:])
-    return [derived(trace, part, trace.layers) for part in torch.split(rows, lengths.tolist())]
+    parts = torch.split(rows, lengths.tolist())
+    tokens = token_rows(trace)
+    if tokens is None:
+        return [trace.derive(part, trace.layers, None) for part in parts]
+    token_parts = torch.split(tokens, lengths.tolist())
+    return [
+        trace.derive(part, trace.layers, ids) for part, ids in zip(parts, token_parts, strict=True)
+    ]
 
 
 def pad_traces(
@@ -127,8 +148,7 @@ def unpad_traces(
         plan = _unpadding_plan(batch, lengths, side)
     else:
         raise LayoutError("Give the sequences' lengths or the batch's mask (one of them).")
-    flat = derived(batch, restore([batch.experts], [plan]), batch.layers)
-    return split_traces(flat, plan.valid_lengths)
+    return split_traces(_restore_rows(batch, plan), plan.valid_lengths)
 
 
 def _unpadding_plan(
@@ -163,9 +183,38 @@ def unpack_traces(packed: RoutingTrace, lengths: Lengths, multiple: int = 1) -> 
             f"the packed trace has {packed.num_rows}: the lengths or the multiple differ "
             "from the packing's."
         )
-    rows = packed.experts.reshape(plan.num_tokens, *packed.experts.shape[-2:])
-    flat = derived(packed, restore([rows], [plan]), packed.layers)
-    return split_traces(flat, plan.valid_lengths)
+    return split_traces(_restore_rows(packed, plan), plan.valid_lengths)
+
+
+def _restore_rows(trace: RoutingTrace, plan: TokenPlan) -> RoutingTrace:
+    """`trace [*plan.shape, layers, top_k]` back on the plan's source axis, padding
+    rows dropped."""
+    rows = trace.experts.reshape(plan.num_tokens, *trace.experts.shape[-2:])
+    tokens = token_rows(trace)
+    _check_dropped(rows, tokens, plan)
+    restored = None if tokens is None else restore([tokens], [plan])
+    return trace.derive(restore([rows], [plan]), trace.layers, restored)
+
+
+def _check_dropped(rows: torch.Tensor, tokens: torch.Tensor | None, plan: TokenPlan) -> None:
+    """The rows a plan drops as padding must hold no route (and no token): real routes
+    there mean the lengths, the padding side or the multiple are not the batch's."""
+    dropped = plan.source < 0  # [num_tokens]
+    routed = (rows[..., 0] != NO_ROUTE).any(-1) & dropped
+    known = (tokens >= 0) & dropped if tokens is not None else None
+    for bad, what in ((routed, "routes"), (known, "a token id")):
+        if bad is not None and bool(bad.any()):
+            flat = int(bad.nonzero()[0])
+            where = [int(i) for i in torch.unravel_index(torch.tensor(flat), plan.shape)]
+            position = (
+                f"row {where[0]}, position {where[1]}" if len(where) == 2 else f"position {flat}"
+            )
+            raise TraceError(
+                f"{position} holds {what}, but the given lengths and padding make it "
+                f"padding ({int(bad.sum())} such rows): real routes would be dropped or "
+                "shifted. Give the lengths, padding side and multiple the batch was laid "
+                "out with (or its attention mask)."
+            )
 
 
 def stage_slice(
@@ -190,10 +239,11 @@ def stage_slice(
             f"{_short(missing)}."
         )
     if not layers:
-        return derived(trace, trace.experts[..., :0, :], ())
+        return trace.derive(trace.experts[..., :0, :], (), trace.tokens)
     first = trace.slot(layers[0])
     if trace.layers[first : first + len(layers)] == layers:
-        return derived(trace, trace.experts[..., first : first + len(layers), :], layers)
+        experts = trace.experts[..., first : first + len(layers), :]
+        return trace.derive(experts, layers, trace.tokens)
     return trace.select_layers(layers)
 
 
@@ -234,12 +284,12 @@ def stack_stages(stages: Sequence[RoutingTrace], layout: MoELayout | None = None
         )
     ordered = sorted((stage for stage in stages if stage.layers), key=lambda t: t.layers[0])
     if not ordered:
-        return derived(first, first.experts, ())
+        return first.derive(first.experts, (), first.tokens)
     experts = torch.cat([stage.experts for stage in ordered], dim=-2)
     joined = [layer for stage in ordered for layer in stage.layers]
     if joined != list(layers):  # slices that interleave (not stage ranges): sort the slots
         experts = experts[..., sorted(range(len(joined)), key=joined.__getitem__), :]
-    return derived(first, experts, layers)
+    return first.derive(experts, layers, first.tokens)
 
 
 def _check_lengths(lengths: torch.Tensor, found: torch.Tensor, said: str) -> None:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from routereplay.controller import ReplayController
-from routereplay.errors import LayoutError
+from routereplay.errors import LayoutError, ReplayError
+from routereplay.errors import short_ids as _short
 from routereplay.layout import SUPPORTED_HF_FAMILIES, MoELayout
 from routereplay.routing import RouterSpec
 
@@ -61,6 +62,14 @@ def attach(model: nn.Module, *, strict: bool = True, source: str = "hf") -> Repl
             f"The {layout.family} config routes layers {list(layout.moe_layers)} but the model "
             f"has routers on layers {list(routers)}. Supported families: "
             f"{', '.join(SUPPORTED_HF_FAMILIES)}."
+        )
+    patched = [layer for layer, router in routers.items() if "forward" in vars(router)]
+    if patched:
+        raise ReplayError(
+            f"The routers of layers {_short(patched)} are already attached to a controller. "
+            "Two controllers on one model would take each other's patches, and detaching "
+            "one would silently switch the other off: detach the first "
+            "(controller.detach()) before attaching again."
         )
     controller = ReplayController(layout, strict=strict, source=source)
     fp32 = layout.family in _FP32_LOGITS
@@ -135,6 +144,7 @@ def _patch_router(
         return logits, weights, ids
 
     router.forward = MethodType(forward, router)
+    controller.add_router(layer)
 
     def undo() -> None:
         del router.forward
@@ -143,12 +153,12 @@ def _patch_router(
 
 
 def _publish_tokens(controller: ReplayController) -> Any:
-    """A model pre-forward hook telling the controller the token axes and padding."""
+    """A model pre-forward hook telling the controller the token axes, padding and token
+    ids (which replay checks against an engine trace's)."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        tokens = ids if ids is not None else kwargs.get("inputs_embeds")
         if tokens is None:
             controller.set_tokens(None)
             return
@@ -159,6 +169,6 @@ def _publish_tokens(controller: ReplayController) -> Any:
         # last columns are the tokens of this forward); 4-D masks are not padding.
         if mask is not None and mask.ndim == 2:
             padding = mask[:, -shape[1] :] == 0
-        controller.set_tokens(shape, padding)
+        controller.set_tokens(shape, padding, ids if ids is not None and ids.ndim == 2 else None)
 
     return hook

@@ -85,6 +85,7 @@ def attach(
         where = f"pp_rank {rank}, vp_stage {vp_stage}"
         for layer, router in routers.items():
             _install(router, _KeyedRouterReplay(controller, layer, where), controller)
+            controller.add_router(layer)
         _count_micro_batches(model, stage, controller)
     return controller
 

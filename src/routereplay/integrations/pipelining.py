@@ -240,7 +240,9 @@ class ReplayPipelineStage(PipelineStage):
         return super()._forward_metadata_inference(*args, **kwargs)
 
     def _publish_tokens(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.controller.set_tokens(tuple(args[0].shape[:2]))
+        inputs = args[0]  # the first stage's input_ids, a later stage's hidden states
+        ids = None if inputs.is_floating_point() else inputs
+        self.controller.set_tokens(tuple(inputs.shape[:2]), None, ids)
 
     @contextmanager
     def _naming_errors(self) -> Iterator[None]:
@@ -272,7 +274,7 @@ def build_stages(
     stage order: pass them to a `PipelineScheduleSingle` (one) or `...Multi` schedule."""
     num_stages = pp_size * stages_per_rank
     where = torch.device("cpu") if device is None else device
-    return [
+    stages = [
         ReplayPipelineStage(
             module, index, num_stages, where, controller, micro_batch_shape, group=group
         )
@@ -284,6 +286,9 @@ def build_stages(
             checkpoint_layers=checkpoint_layers,
         ).items()
     ]
+    # The controller was attached to the whole model; this rank runs its stages' routers.
+    controller.limit_routers(layer for stage in stages for layer in stage.routed_layers)
+    return stages
 
 
 def split_routes(trace: RoutingTrace, num_micro_batches: int) -> dict[int, RoutingTrace]:
@@ -307,14 +312,45 @@ def pipeline_replay(
     num_micro_batches: int,
 ) -> Iterator[None]:
     """Replay `routes` (micro-batch -> `[batch, seq, layers, top_k]`) in the schedule
-    step run inside; checked first against every stage of this rank."""
+    step run inside; checked first against every stage of this rank.
+
+    Every rank of the stages' process group learns whether all ranks passed their checks
+    (one collective), so a rank with bad routes fails them all at once, each naming the
+    rank and the reason, instead of leaving its peers waiting out the group's timeout.
+    """
     if not stages:
         raise ReplayError("pipeline_replay() needs this rank's stages; none were given.")
-    for stage in stages:
-        check_stage_routes(stage, routes, num_micro_batches)
+    failure: ReplayError | None = None
+    try:
+        for stage in stages:
+            check_stage_routes(stage, routes, num_micro_batches)
+    except ReplayError as error:
+        failure = error
+    _agree_on_checks(stages[0], failure)
     by_micro_batch: dict[MicroBatch, RoutingTrace] = {mb: t for mb, t in routes.items()}
     with stages[0].controller.replay(by_micro_batch):
         yield
+
+
+def _agree_on_checks(stage: ReplayPipelineStage, failure: ReplayError | None) -> None:
+    """Share each rank's route-check outcome over the stage's group; raise on every rank
+    if any failed (this rank's own error first)."""
+    group = stage.group
+    if not dist.is_available() or not dist.is_initialized():
+        if failure is not None:
+            raise failure
+        return
+    outcomes: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(outcomes, None if failure is None else str(failure), group=group)
+    if failure is not None:
+        raise failure
+    failed = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise ReplayError(
+            f"{stage.where}: pipeline rank {rank} of this group failed its route checks, "
+            f"so no rank runs the schedule: {message}"
+        )
 
 
 def check_stage_routes(

@@ -4,7 +4,9 @@ and verifies one sequence at a time."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import struct
 import zlib
 from collections.abc import Iterator
 from numbers import Integral
@@ -62,6 +64,11 @@ class TraceFile:
             ) from None
         try:
             self._read_index(self._handle.metadata() or {})
+            # Sequences are read with pread from a file descriptor, not through the memory
+            # map: a file truncated under an open reader then gives a short read, which is
+            # an error, where a mapped page past the end would kill the process (SIGBUS).
+            self._file = self.path.open("rb")
+            self._placement = _tensor_placement(self._file)
         except BaseException:
             self.close()
             raise
@@ -110,13 +117,16 @@ class TraceFile:
         return int(self._offsets[index + 1] - self._offsets[index])
 
     def trace(self, index: int) -> RoutingTrace:
-        """Sequence `index`'s routes: `experts [tokens, layers, top_k]`, -1 rows kept."""
+        """Sequence `index`'s routes: `experts [tokens, layers, top_k]`, -1 rows kept, with
+        its token ids when the file holds them."""
         index = self._index(index)
-        ids, mask, _ = self._read_sequence(index)
+        ids, mask, token_ids = self._read_sequence(index)
         experts = self._codec.decode(ids, mask, self.num_tokens(index))
+        # The token ids were read for the checksum anyway: the trace knows its tokens.
+        tokens = None if token_ids is None else torch.from_numpy(token_ids.view("<i4").copy())
         try:
             return RoutingTrace(
-                torch.from_numpy(experts), self.layers, self.num_experts, self.source
+                torch.from_numpy(experts), self.layers, self.num_experts, self.source, tokens
             )
         except TraceError as error:
             raise TraceFileError(
@@ -182,12 +192,14 @@ class TraceFile:
         return torch.from_numpy(token_ids.view("<i4").copy())
 
     def check_layout(self, layout: MoELayout) -> None:
-        """Raise unless the routes were recorded on a model of `layout`, naming each field
-        that differs."""
+        """Raise unless the routes were recorded on a model of `layout` (decoder layers,
+        routed layers, experts, top_k; MTP layers are not stored), naming each field that
+        differs."""
         ours = self._layout
-        differ = [
-            name for name in FINGERPRINT_WORDS if getattr(ours, name) != getattr(layout, name)
-        ]
+        # MTP layers are never stored: a model that differs only in them replays the file
+        # exactly as `replay()` accepts its traces.
+        stored = [name for name in FINGERPRINT_WORDS if name != "mtp_layers"]
+        differ = [name for name in stored if getattr(ours, name) != getattr(layout, name)]
         if differ:
             raise TraceFileError(
                 f"{self.path} was recorded on another model: file: {describe(ours, differ)}; "
@@ -198,6 +210,9 @@ class TraceFile:
 
     def close(self) -> None:
         handle, self._handle = self._handle, None
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
         if handle is not None:
             handle.__exit__(None, None, None)
 
@@ -405,12 +420,33 @@ class TraceFile:
 
     def _slice(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
         """Rows `start:stop` of one tensor, read lazily (only those bytes)."""
-        view = self._handle.get_slice(name)
-        if start == stop:
-            # safetensors refuses even an empty slice of an empty axis.
-            shape = [0, *view.get_shape()[1:]]
-            return np.empty(shape, dtype=NUMPY_DTYPES[view.get_dtype()])
-        return np.ascontiguousarray(view[start:stop])
+        begin, dtype, shape = self._placement[name]
+        row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        size = (stop - start) * row
+        data = os.pread(self._file.fileno(), size, begin + start * row)
+        if len(data) != size:
+            raise TraceFileError(
+                f"{self.path} was truncated while open: {len(data)} of the {size} bytes of "
+                f"tensor {name!r} rows {start}:{stop} could be read. Was the file rewritten "
+                "under this reader?"
+            )
+        return np.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
+
+
+def _tensor_placement(file: Any) -> dict[str, tuple[int, np.dtype[Any], tuple[int, ...]]]:
+    """Each tensor's absolute byte offset, dtype and shape, from the safetensors header
+    (already validated by safetensors and `_read_index`)."""
+    (length,) = struct.unpack("<Q", file.read(8))
+    header = json.loads(file.read(length))
+    return {
+        name: (
+            8 + length + spec["data_offsets"][0],
+            np.dtype(NUMPY_DTYPES[spec["dtype"]]),
+            tuple(spec["shape"]),
+        )
+        for name, spec in header.items()
+        if name != "__metadata__"
+    }
 
 
 def _open_safetensors(path: Path) -> Any:
