@@ -6,7 +6,9 @@ measured side by side in one run:
   native   the unmodified model (routers not attached, or detached again)
   off      `routereplay.attach(model)`, no context: routing goes through the controller
   replay   `with controller.replay(trace)` around the step, entered once per step (that
-           re-validates the trace), the trace recorded once beforehand on the same input
+           re-validates the trace), the trace recorded once beforehand on the same input;
+           it knows its token ids, so replay checks them against the batch (token check)
+  unchecked  the same, the trace without token ids: no token check
   record   `with controller.record()` around the step
 The weights never change (no optimizer step), so the replayed ids are the native ones:
 the experts do the same work in every case and only the routing overhead differs.
@@ -44,7 +46,7 @@ import torch
 import routereplay
 from routereplay.integrations.hf import find_routers
 
-CASES = ("native", "off", "replay", "record")
+CASES = ("native", "off", "replay", "unchecked", "record")
 VOCAB = 1024
 WARMUP_STEPS = 2
 
@@ -83,6 +85,23 @@ def median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+class CheckClock:
+    """Seconds spent in replay's batch check (token axes, padding, token ids)."""
+
+    def __init__(self) -> None:
+        import routereplay.controller as controller_module
+
+        self.seconds = 0.0
+        check = controller_module.check_batch
+
+        def timed(*args: Any) -> None:
+            start = time.perf_counter()
+            check(*args)
+            self.seconds += time.perf_counter() - start
+
+        controller_module.check_batch = timed
+
+
 class RouterClock:
     """Seconds spent inside every router forward, whichever forward it runs."""
 
@@ -119,6 +138,7 @@ def main() -> None:
 
     model = build_model(args)
     clock = RouterClock(model)
+    checks = CheckClock()
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(VOCAB, (args.batch, args.tokens // args.batch), generator=generator)
 
@@ -143,6 +163,8 @@ def main() -> None:
     with torch.no_grad(), attached_controller().record() as recording:
         model(input_ids)
     trace = recording.trace
+    assert trace.tokens is not None  # a recording keeps the batch's token ids
+    unchecked = trace.with_tokens(None)
 
     entries: list[float] = []  # seconds to enter replay(): the trace re-validation
 
@@ -160,25 +182,31 @@ def main() -> None:
 
         def in_context() -> None:
             start = time.perf_counter()
-            with ctl.replay(trace) if case == "replay" else ctl.record():
+            replayed = {"replay": trace, "unchecked": unchecked}.get(case)
+            with ctl.replay(replayed) if replayed is not None else ctl.record():
                 if case == "replay":
                     entries.append(time.perf_counter() - start)
                 plain()
 
         return plain if case in ("native", "off") else in_context
 
+    check_seconds: list[float] = []  # per replay step: the token check
+
     def timed(case: str) -> tuple[float, float]:
         """Seconds of one step (context entry included) and of its router forwards."""
         body = prepare(case)
-        clock.seconds = 0.0
+        clock.seconds = checks.seconds = 0.0
         start = time.perf_counter()
         body()
+        if case == "replay":
+            check_seconds.append(checks.seconds)
         return time.perf_counter() - start, clock.seconds
 
     for case in CASES:
         for _ in range(WARMUP_STEPS):
             timed(case)
     entries.clear()
+    check_seconds.clear()
 
     steps: dict[str, list[float]] = {case: [] for case in CASES}
     routers: dict[str, list[float]] = {case: [] for case in CASES}
@@ -210,13 +238,17 @@ def main() -> None:
             "median": seconds[case] / seconds["native"],
             "paired": median([r[case] / r["native"] for r in per_round]),
         }
-        for case in ("replay", "record", "off")
+        for case in ("replay", "unchecked", "record", "off")
     }
+    token_check = median(check_seconds)
     # Router forwards plus (replay) context entry, over native's router forwards,
     # as a share of the native step: the overhead without the machine's noise.
     extra = {case: router_seconds[case] - router_seconds["native"] for case in CASES}
-    extra["replay"] += entry
-    overhead = {case: extra[case] / seconds["native"] for case in ("replay", "record", "off")}
+    extra["replay"] += entry + token_check
+    extra["unchecked"] += entry
+    overhead = {
+        case: extra[case] / seconds["native"] for case in ("replay", "unchecked", "record", "off")
+    }
     settings = {
         "model": "qwen3_moe",
         "layers": args.layers,
@@ -241,6 +273,8 @@ def main() -> None:
             "min_seconds": {case: min(values) for case, values in steps.items()},
             "router_forward_seconds": router_seconds,
             "replay_entry_seconds": entry,
+            "token_check_seconds": token_check,
+            "token_check_share": token_check / seconds["native"],
             "ratios": ratios,
             "router_overhead_share": overhead,
             "replay_disagreement": disagreement,
@@ -261,6 +295,10 @@ def main() -> None:
             f"{router_seconds[case] * 1e3:8.2f} ms"
         )
     print(f"  replay entry (trace re-validation) {entry * 1e3:.2f} ms")
+    print(
+        f"  token check per step {token_check * 1e3:.3f} ms: "
+        f"{token_check / seconds['native'] * 100:.3f}% of the native step"
+    )
     for name, ratio in ratios.items():
         case = name.split()[0]
         print(

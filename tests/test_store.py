@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -263,13 +265,60 @@ def test_a_close_that_fails_leaves_the_previous_file_and_no_debris(
     assert [p.name for p in trace_path.parent.iterdir()] == [trace_path.name]
 
 
-def test_a_leftover_spill_file_is_reported_not_overwritten(
+def test_a_live_writers_spill_file_is_never_touched(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    with TraceWriter(tmp_path / "t.rr", hybrid_layout) as first:
+        first.append(three_sequences[0])
+        with pytest.raises(
+            TraceFileError, match=r"t\.rr\.partial is held by a TraceWriter that is writing"
+        ):
+            TraceWriter(tmp_path / "t.rr", hybrid_layout)
+        first.append(three_sequences[1])
+    with TraceFile(tmp_path / "t.rr") as traces:
+        assert len(traces) == 2
+
+
+def test_a_killed_writers_leftovers_do_not_block_the_next_writer(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    # A writer in another process appends, then dies without closing (as kill -9 would).
+    script = f"""
+import os, torch
+from routereplay import MoELayout, RoutingTrace
+from routereplay.store import TraceWriter
+layout = MoELayout({hybrid_layout.num_layers}, {hybrid_layout.moe_layers}, 16, 4)
+writer = TraceWriter({str(tmp_path / "t.rr")!r}, layout)
+writer.append(RoutingTrace(torch.full((3, 6, 4), -1), layout.moe_layers, 16))
+open({str(tmp_path / ".t.rr.999.tmp")!r}, "wb").write(b"half a file")
+os._exit(9)
+"""
+    died = subprocess.run([sys.executable, "-c", script], check=False, timeout=120)
+    assert died.returncode == 9 and (tmp_path / "t.rr.partial").exists()
+    with TraceWriter(tmp_path / "t.rr", hybrid_layout) as writer:
+        writer.append(three_sequences[2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.rr"]
+    with TraceFile(tmp_path / "t.rr") as traces:
+        assert len(traces) == 1 and traces.trace(0).equal(three_sequences[2])
+
+
+def test_a_writer_into_a_missing_directory_says_so(
     tmp_path: Path, hybrid_layout: MoELayout
 ) -> None:
-    (tmp_path / "t.rr.partial").write_bytes(b"another writer's data")
-    with pytest.raises(TraceFileError, match=r"t\.rr\.partial exists: another TraceWriter"):
-        TraceWriter(tmp_path / "t.rr", hybrid_layout)
-    assert (tmp_path / "t.rr.partial").read_bytes() == b"another writer's data"
+    with pytest.raises(TraceFileError, match=r"the directory .*nope does not exist"):
+        TraceWriter(tmp_path / "nope" / "t.rr", hybrid_layout)
+
+
+def test_a_file_truncated_under_an_open_reader_is_an_error_not_a_crash(
+    trace_path: Path, three_sequences: list[RoutingTrace]
+) -> None:
+    with TraceFile(trace_path) as traces:
+        size = trace_path.stat().st_size
+        with open(trace_path, "r+b") as file:
+            file.truncate(size // 2)  # under the open reader, as a rewriting tool would
+        with pytest.raises(TraceFileError, match=r"was truncated while open"):
+            for index in range(len(traces)):
+                traces.trace(index)
 
 
 def test_appending_after_close_is_an_error(
@@ -723,3 +772,24 @@ def test_a_version_2_file_without_its_metadata_checksum_is_damage(trace_path: Pa
     rewrite_metadata(trace_path, metadata_crc32=None)
     with pytest.raises(TraceFileError, match=r"lacks the metadata key 'metadata_crc32'"):
         TraceFile(trace_path)
+
+
+def test_a_model_that_differs_only_in_an_mtp_layer_reads_the_file(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    path = write(tmp_path / "r.rr", hybrid_layout, three_sequences)
+    with_mtp = MoELayout(
+        hybrid_layout.num_layers,
+        hybrid_layout.moe_layers,
+        hybrid_layout.num_experts,
+        hybrid_layout.top_k,
+        mtp_layers=(hybrid_layout.num_layers,),
+    )
+    with TraceFile(path) as traces:
+        traces.check_layout(with_mtp)  # transformers' DeepSeek-V3 config adds one by default
+        with pytest.raises(TraceFileError, match=r"recorded on another model: file: 16 experts"):
+            traces.check_layout(
+                MoELayout(
+                    hybrid_layout.num_layers, hybrid_layout.moe_layers, 17, hybrid_layout.top_k
+                )
+            )

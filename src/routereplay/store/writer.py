@@ -3,6 +3,7 @@ writes the trace file atomically on `close()`."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import struct
@@ -42,14 +43,57 @@ _RECORD = struct.Struct("<QI")
 _RECORD_SECTIONS = ("experts", "routed", "tokens")
 
 
+def _take_spill(spill_path: Path, path: Path) -> IO[bytes]:
+    """Create `PATH.partial` and hold an exclusive lock on it while writing.
+
+    A writer that died (killed, crashed) leaves its spill file behind but not its lock:
+    the lock tells a stale file from a live writer's, which is never touched.
+    """
+    if not path.parent.is_dir():
+        raise TraceFileError(
+            f"Cannot write {path}: the directory {path.parent} does not exist. Create it first."
+        )
+    for _ in range(2):
+        try:
+            spill = open(spill_path, "x+b")  # noqa: SIM115 (held until close or discard)
+        except FileExistsError:
+            _remove_if_stale(spill_path, path)
+            continue
+        except OSError as error:
+            raise TraceFileError(f"Cannot write {path}: {error}.") from None
+        fcntl.flock(spill.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return spill
+    raise TraceFileError(f"Cannot take {spill_path}: another writer took it meanwhile.")
+
+
+def _remove_if_stale(spill_path: Path, path: Path) -> None:
+    """Remove `spill_path` (and the writer's temporary files) if no writer holds it."""
+    try:
+        with open(spill_path, "rb") as held:
+            try:
+                fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TraceFileError(
+                    f"{spill_path} is held by a TraceWriter that is writing {path} now; wait "
+                    "for it to finish, or write another file."
+                ) from None
+            # Nobody writes: an interrupted writer's leftovers, its temporary too.
+            spill_path.unlink(missing_ok=True)
+            for temporary in path.parent.glob(f".{path.name}.*.tmp"):
+                temporary.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass  # removed by its writer meanwhile
+
+
 class TraceWriter:
     """Write sequences' routes to a trace file as they arrive.
 
-    Appended sequences go to a spill file next to the target (`PATH.partial`), so
-    memory stays flat however many sequences arrive. `close()` writes the trace file
-    to a temporary name and renames it into place: `path` is either the complete new
-    file or whatever was there before. Leaving a `with` block by an exception
-    discards everything (`discard()`).
+    Appended sequences go to a spill file next to the target (`PATH.partial`, locked
+    while this writer lives), so memory stays flat however many sequences arrive; one
+    left by a writer that died is recognised by its released lock and removed.
+    `close()` writes the trace file to a temporary name and renames it into place:
+    `path` is either the complete new file or whatever was there before. Leaving a
+    `with` block by an exception discards everything (`discard()`).
     """
 
     def __init__(
@@ -66,13 +110,7 @@ class TraceWriter:
         self.encoding: Encoding = encoding
         self._codec = Codec(encoding, layout.num_experts, len(layout.moe_layers), layout.top_k)
         self.spill_path = self.path.with_name(self.path.name + ".partial")
-        try:
-            self._spill: IO[bytes] | None = open(self.spill_path, "x+b")  # noqa: SIM115
-        except FileExistsError:
-            raise TraceFileError(
-                f"{self.spill_path} exists: another TraceWriter is writing {self.path}, or "
-                "one was interrupted. Remove it if no writer is running."
-            ) from None
+        self._spill: IO[bytes] | None = _take_spill(self.spill_path, self.path)
         self._sequences = 0
         self._tokens = 0
         self._id_bytes = 0
@@ -237,7 +275,10 @@ class TraceWriter:
         if tokens is None:
             return None
         array = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else tokens
-        array = np.asarray(array)
+        try:
+            array = np.asarray(array)
+        except (ValueError, TypeError, OverflowError):
+            raise TraceError(f"{where}: token ids must be a flat list of integers.") from None
         if array.size and not np.issubdtype(array.dtype, np.integer):
             raise TraceError(f"{where}: token ids must be integers, found dtype {array.dtype}.")
         if array.shape != (count,):
