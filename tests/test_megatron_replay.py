@@ -317,3 +317,58 @@ def test_a_rank_failing_inside_the_pipeline_names_itself() -> None:
         r"routes hold 16 rows",
         str(failure.value),
     )
+
+
+# -- token-checked replay under PP x VPP ---------------------------------------------------
+
+
+def tokened_traces(batches: list[Any]) -> dict[int, RoutingTrace]:
+    """`engine_traces()`, each sequence knowing the tokens of its micro-batch row."""
+    traces = {}
+    for micro_batch, trace in engine_traces().items():
+        batch_first = rr_megatron.batch_first(trace)  # [batch, seq]
+        tokens = batches[micro_batch]["tokens"]
+        traces[micro_batch] = rr_megatron.sequence_first(batch_first.with_tokens(tokens))
+    return traces
+
+
+def token_checked_replay(rank: int) -> dict[str, str | None]:
+    """The seed's split (PP=2 x VPP=2): routes with their tokens replay; on rank 1 the
+    same routes handed to the wrong micro-batches fail both ranks before the schedule."""
+    initialize_model_parallel(2, 2)
+    chunks = build_gpt(2, 2)
+    controller = rr_megatron.attach(chunks)
+    batches = make_micro_batches(MICRO_BATCHES, BATCH, SEQ, seed=3)
+    traces = tokened_traces(batches)
+    tokens = {k: batch["tokens"] for k, batch in enumerate(batches)}
+    outcome: dict[str, str | None] = {}
+    rr_megatron.check_routes(controller, traces, tokens)
+    with controller.replay(traces):
+        run_schedule(chunks, batches)
+    outcome["aligned"] = None
+    given = {mb: traces[(mb + 1) % MICRO_BATCHES] for mb in traces} if rank == 1 else traces
+    try:
+        rr_megatron.check_routes(controller, given, tokens)
+        with controller.replay(given):
+            run_schedule(chunks, batches)
+        outcome["swapped"] = None
+    except ReplayError as error:
+        outcome["swapped"] = str(error)
+    return outcome
+
+
+def test_routes_handed_to_the_wrong_micro_batch_fail_every_rank_before_the_schedule() -> None:
+    outcomes = run_on_ranks(token_checked_replay, world_size=2, pp_size=2, timeout_s=90.0)
+    batches = make_micro_batches(MICRO_BATCHES, BATCH, SEQ, seed=3)
+    expected, found = int(batches[1]["tokens"][0, 0]), int(batches[0]["tokens"][0, 0])
+    reason = (
+        rf"pp_rank 1, micro-batch 0: the trace was recorded for token {expected} at "
+        rf"sequence 0, position 0, but the batch holds token {found} there"
+    )
+    assert [o["aligned"] for o in outcomes] == [None, None]
+    assert re.search(rf"^{reason}", outcomes[1]["swapped"] or ""), outcomes[1]["swapped"]
+    assert re.search(
+        rf"^pp_rank 0: pipeline rank 1 of this group failed its route checks, so no rank "
+        rf"runs the schedule: {reason}",
+        outcomes[0]["swapped"] or "",
+    ), outcomes[0]["swapped"]

@@ -450,3 +450,33 @@ def test_a_rank_whose_routes_fail_the_checks_fails_every_rank_before_the_schedul
         r"rank runs the schedule: stage 1 \(pp_rank 1\), layer 6",
         messages[0],
     ), messages[0]
+
+
+def routes_of_other_micro_batches(rank: int) -> str:
+    """The routes know their tokens; rank 0 hands them to the wrong micro-batches."""
+    model = build_model()
+    controller = routereplay.attach(model)
+    stages = build_stages(model, controller, 2, rank, (MICRO_BATCH, SEQ))
+    input_ids, targets = batch()
+    pieces = torch.tensor_split(input_ids, MICRO_BATCHES)
+    routes = {mb: t.with_tokens(pieces[mb]) for mb, t in random_routes().items()}
+    if rank == 0:
+        routes = {mb: routes[(mb + 1) % MICRO_BATCHES] for mb in routes}
+    schedule = Schedule1F1B(stages[0], n_microbatches=MICRO_BATCHES, loss_fn=loss_fn)
+    try:
+        with pipeline_replay(stages, routes, MICRO_BATCHES, input_ids=input_ids):
+            schedule.step(*((input_ids,) if rank == 0 else ()), target=targets)
+    except ReplayError as error:
+        return str(error)
+    return "no error"
+
+
+def test_routes_of_other_micro_batches_are_caught_by_their_tokens_on_every_rank() -> None:
+    messages = run_on_ranks(routes_of_other_micro_batches, timeout_s=60.0)
+    assert re.search(
+        r"^Micro-batch 0: the trace was recorded for token \d+ at sequence 0, position 0, but the batch holds token \d+ there",
+        messages[0],
+    ), messages[0]
+    assert re.search(r"pipeline rank 0 of this group failed its route checks", messages[1]), (
+        messages[1]
+    )

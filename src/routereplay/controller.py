@@ -127,14 +127,7 @@ class ReplayController:
         Each trace must match the layout (experts, top_k, routed layers); its leading
         axes must hold as many rows as the router sees tokens.
         """
-        by_batch = dict(routes) if isinstance(routes, Mapping) else {DEFAULT_MICRO_BATCH: routes}
-        for micro_batch, trace in by_batch.items():
-            try:
-                _check_replayable(trace, self.layout, micro_batch)
-            except ReplayError as error:
-                if not self.label:
-                    raise
-                raise ReplayError(f"{self.label}: {error}") from error
+        by_batch = self.check_routes(routes)
         previous_strict = self.strict
         if strict is not None:
             self.strict = strict
@@ -221,6 +214,51 @@ class ReplayController:
         self._tokens = tokens
 
     # -- attachment -----------------------------------------------------------------------
+
+    def check_routes(
+        self, routes: RoutingTrace | Mapping[Any, RoutingTrace]
+    ) -> dict[MicroBatch, RoutingTrace]:
+        """What `replay(routes)` checks on entry (each trace against the layout, its ids
+        if written since), without entering it; returns micro-batch -> trace."""
+        by_batch = dict(routes) if isinstance(routes, Mapping) else {DEFAULT_MICRO_BATCH: routes}
+        for micro_batch, trace in by_batch.items():
+            try:
+                _check_replayable(trace, self.layout, micro_batch)
+            except ReplayError as error:
+                if not self.label:
+                    raise
+                raise ReplayError(f"{self.label}: {error}") from error
+        return by_batch
+
+    def check_tokens_of(
+        self,
+        trace: RoutingTrace,
+        token_ids: torch.Tensor,
+        micro_batch: MicroBatch,
+        *,
+        sequence_first: bool = False,
+    ) -> None:
+        """Raise unless `trace` was recorded for `token_ids [batch, seq]` (see
+        `check_tokens`); errors name `micro_batch`."""
+        if trace.tokens is None or token_ids.numel() != trace.num_rows:
+            return
+        expected = trace.tokens
+        if sequence_first and expected.ndim == 2:
+            expected = expected.t()  # compare, and name positions, batch-first
+        check_token_ids(expected, token_ids.reshape(expected.shape), self._where(micro_batch))
+
+    def check_tokens(self, token_ids: torch.Tensor, *, sequence_first: bool = False) -> None:
+        """In replay, check the running micro-batch's trace against the model's input
+        ids `token_ids [batch, seq]`: for adapters whose routers see only hidden states
+        (megatron-core), called where the ids are (a chunk's forward).
+
+        `sequence_first`: the trace is `[seq, batch]`, as Megatron's routers see tokens.
+        A trace of another token count is this rank's sequence-parallel piece of the
+        ids, which the ids cannot be compared with: it is left to the routers' checks.
+        """
+        trace = self._routes.get(self._micro_batch) if self._mode is Mode.REPLAY else None
+        if trace is not None:
+            self.check_tokens_of(trace, token_ids, self._micro_batch, sequence_first=sequence_first)
 
     def add_router(self, layer: int) -> None:
         """An adapter attached a router of global `layer` to this controller: a strict
@@ -317,8 +355,9 @@ class ReplayController:
                 "routereplay.engines.hf.RecordingEngine."
             )
 
-    def _where(self) -> str:
-        where = f"micro-batch {self._micro_batch!r}"
+    def _where(self, micro_batch: MicroBatch | None = None) -> str:
+        key = self._micro_batch if micro_batch is None else micro_batch
+        where = f"micro-batch {key!r}"
         return f"{self.label}, {where}" if self.label else where.capitalize()
 
     # -- statistics -------------------------------------------------------------------
@@ -538,8 +577,14 @@ def check_batch(trace: RoutingTrace, tokens: Tokens, where: str) -> None:
             )
     if trace.tokens is None or tokens.ids is None:
         return
-    batch_ids = tokens.ids.detach().to("cpu", torch.int64).reshape(shape)
-    expected = trace.tokens.long()
+    check_token_ids(trace.tokens, tokens.ids.reshape(shape), where)
+
+
+def check_token_ids(expected: torch.Tensor, batch_ids: torch.Tensor, where: str) -> None:
+    """Raise unless the batch's token ids `batch_ids [*axes]` are the trace's `expected
+    [*axes]` wherever those are known (>= 0), naming the first position that differs."""
+    expected = expected.long()
+    batch_ids = batch_ids.detach().to("cpu", torch.int64)
     wrong = (expected >= 0) & (expected != batch_ids)
     if bool(wrong.any()):
         index = tuple(int(i) for i in wrong.nonzero()[0])

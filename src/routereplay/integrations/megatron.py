@@ -38,14 +38,16 @@ top-k) or sinkhorn routing bypass `get_replay_topk` and are refused.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from routereplay.controller import ReplayController
 from routereplay.errors import LayoutError, ReplayError, RouteReplayError
+from routereplay.integrations.agreement import agree_on_checks
 from routereplay.layout import MoELayout
 from routereplay.trace import RoutingTrace
 
@@ -88,6 +90,36 @@ def attach(
             controller.add_router(layer)
         _count_micro_batches(model, stage, controller)
     return controller
+
+
+def check_routes(
+    controller: ReplayController,
+    routes: Mapping[int, RoutingTrace],
+    token_ids: Mapping[int, torch.Tensor] | None = None,
+    *,
+    group: Any = None,
+) -> None:
+    """Check, before the schedule runs, this rank's routes (micro-batch k -> sequence-first
+    trace) against the layout and, where `token_ids` (micro-batch k -> its input ids
+    `[batch, seq]`) are given and the traces know their tokens, against the tokens;
+    then agree with every rank of the pipeline `group` (default: megatron-core's) in
+    one collective, so that a rank with bad routes fails all ranks at once instead of
+    leaving them waiting inside the schedule.
+    """
+    failure: ReplayError | None = None
+    try:
+        controller.check_routes(routes)
+        for micro_batch, ids in (token_ids or {}).items():
+            trace = routes.get(micro_batch)
+            if trace is not None:
+                controller.check_tokens_of(trace, ids, micro_batch, sequence_first=True)
+    except ReplayError as error:
+        failure = error
+    if group is None and dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_pipeline_model_parallel_group()
+    agree_on_checks(failure, group, controller.label or "this rank")
 
 
 def find_routers(model: nn.Module) -> dict[int, nn.Module]:
@@ -176,6 +208,10 @@ def _count_micro_batches(model: nn.Module, stage: int, controller: ReplayControl
             state["serial"], state["forwards"] = controller.context_serial, 0
         controller.set_micro_batch(state["forwards"])
         state["forwards"] += 1
+        ids = args[0] if args else None  # GPTModel(input_ids, ...): None past stage 0
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+            # The routers see hidden states only: the routes' token ids are checked here.
+            controller.check_tokens(ids, sequence_first=True)
 
     def after_forward(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         micro_batch = controller.current_micro_batch

@@ -43,6 +43,7 @@ from routereplay.align import stack_stages
 from routereplay.controller import Mode, ReplayController
 from routereplay.errors import LayoutError, ReplayError, RouteReplayError
 from routereplay.errors import short_ids as _short
+from routereplay.integrations.agreement import agree_on_checks
 from routereplay.layout import MoELayout
 from routereplay.recording import MicroBatch, Recording
 from routereplay.trace import RoutingTrace
@@ -310,6 +311,7 @@ def pipeline_replay(
     stages: Sequence[ReplayPipelineStage],
     routes: Mapping[int, RoutingTrace],
     num_micro_batches: int,
+    input_ids: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Replay `routes` (micro-batch -> `[batch, seq, layers, top_k]`) in the schedule
     step run inside; checked first against every stage of this rank.
@@ -317,6 +319,9 @@ def pipeline_replay(
     Every rank of the stages' process group learns whether all ranks passed their checks
     (one collective), so a rank with bad routes fails them all at once, each naming the
     rank and the reason, instead of leaving its peers waiting out the group's timeout.
+    `input_ids [batch, seq]`, the batch the first stage will split into micro-batches,
+    are checked against the routes' token ids in that check too (the first stage checks
+    them again as it runs).
     """
     if not stages:
         raise ReplayError("pipeline_replay() needs this rank's stages; none were given.")
@@ -324,33 +329,16 @@ def pipeline_replay(
     try:
         for stage in stages:
             check_stage_routes(stage, routes, num_micro_batches)
+        if input_ids is not None:
+            pieces = torch.tensor_split(input_ids, num_micro_batches)
+            for micro_batch, trace in routes.items():
+                stages[0].controller.check_tokens_of(trace, pieces[micro_batch], micro_batch)
     except ReplayError as error:
         failure = error
-    _agree_on_checks(stages[0], failure)
+    agree_on_checks(failure, stages[0].group, stages[0].where)
     by_micro_batch: dict[MicroBatch, RoutingTrace] = {mb: t for mb, t in routes.items()}
     with stages[0].controller.replay(by_micro_batch):
         yield
-
-
-def _agree_on_checks(stage: ReplayPipelineStage, failure: ReplayError | None) -> None:
-    """Share each rank's route-check outcome over the stage's group; raise on every rank
-    if any failed (this rank's own error first)."""
-    group = stage.group
-    if not dist.is_available() or not dist.is_initialized():
-        if failure is not None:
-            raise failure
-        return
-    outcomes: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(outcomes, None if failure is None else str(failure), group=group)
-    if failure is not None:
-        raise failure
-    failed = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
-    if failed:
-        rank, message = failed[0]
-        raise ReplayError(
-            f"{stage.where}: pipeline rank {rank} of this group failed its route checks, "
-            f"so no rank runs the schedule: {message}"
-        )
 
 
 def check_stage_routes(
