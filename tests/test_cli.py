@@ -166,3 +166,22 @@ def test_help_lists_inspect(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "inspect" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "qwen3_moe", "num_hidden_layers": 4, "num_experts": "8"},
+        {"model_type": "qwen3_moe", "num_hidden_layers": 2.5, "num_experts": 8},
+        ["not", "a", "config"],
+    ],
+    ids=["experts a string", "layers a float", "not an object"],
+)
+def test_a_malformed_config_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: object
+) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert main(["layout", str(path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("routereplay layout: ") and len(err.strip().splitlines()) == 1

@@ -27,7 +27,8 @@ from routereplay.cli import (
     layout,
     payloads,
 )
-from routereplay.cli.common import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK
+from routereplay.cli.common import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, bad_input
+from routereplay.errors import RouteReplayError
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CHECK_FAILED", "EXIT_OK", "main"]
 
@@ -38,7 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_OK
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except (RouteReplayError, OSError, UnicodeDecodeError, ValueError) as error:
+        # Bad input a subcommand did not catch itself: one line, exit 2, no traceback.
+        return bad_input(args.command, error)
 
 
 def _parser() -> argparse.ArgumentParser:
