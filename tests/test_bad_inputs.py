@@ -8,6 +8,8 @@ or shape.
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 from routereplay import MoELayout, ReplayController, RouteReplayError, RoutingTrace
 from routereplay.align import (
+    MicroBatches,
     balanced_micro_batches,
     context_parallel_plans,
     fixed_micro_batches,
@@ -28,7 +31,7 @@ from routereplay.align import (
     pad_traces,
 )
 from routereplay.engines import sglang, vllm
-from routereplay.store import TraceWriter
+from routereplay.store import TraceFile, TraceWriter
 
 LAYOUT = MoELayout(4, (1, 3), 8, 2)
 TRACE = RoutingTrace(torch.tensor([[[0, 1], [2, 3]]] * 3), (1, 3), 8)
@@ -151,9 +154,28 @@ def test_appending_to_a_trace_file(
         lambda: MoELayout.from_hf_config({"model_type": "qwen3_moe", "num_experts": "8"}),
         lambda: fixed_micro_batches(4.5, 2),  # type: ignore[arg-type]
         lambda: balanced_micro_batches(torch.tensor([1.5, 2.0]), 4),
+        lambda: MicroBatches((torch.tensor([0.0, 1.0]),), 2),
     ],
-    ids=["top_k 0", "num_experts a string", "a float count", "float lengths"],
+    ids=["top_k 0", "num_experts a string", "a float count", "float lengths", "float groups"],
 )
 def test_known_mistakes_are_routereplay_errors(call: Callable[[], Any]) -> None:
     with pytest.raises(RouteReplayError):
         call()
+
+
+@pytest.mark.parametrize("offset", [2**63, 2**70])
+def test_a_trace_file_claiming_a_huge_tensor_is_unreadable_not_an_overflow(
+    tmp_path: Path, offset: int
+) -> None:
+    header = {
+        "__metadata__": {"format": "routereplay.trace"},
+        "offsets": {"dtype": "I64", "shape": [1], "data_offsets": [0, offset]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "huge.rr"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(8))
+    with pytest.raises(
+        RouteReplayError, match=r"is not a readable trace file: its tensors end at byte"
+    ):
+        TraceFile(path)
