@@ -1,0 +1,76 @@
+"""What replay checks of a batch before any route is used: that the trace was laid out
+for the batch the model sees (token axes, padding) and recorded for its tokens.
+
+Called by the controller once per forward (`ReplayController.set_tokens`) and by
+adapters before a pipeline schedule (`ReplayController.check_tokens_of`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from routereplay.errors import ReplayError
+from routereplay.recording import Tokens
+from routereplay.trace import NO_ROUTE, RoutingTrace
+
+
+def check_batch(trace: RoutingTrace, tokens: Tokens, where: str) -> None:
+    """Raise unless `trace` can be replayed on the forward of `tokens`: the same token
+    axes, no route on a padding position, and, where both know them, the same token
+    ids position by position. The token ids catch every shifted, swapped or wrongly
+    padded row before a route is used."""
+    if trace.num_rows != int(np.prod(tokens.shape)):
+        raise ReplayError(
+            f"{where}: the batch has token axes {list(tokens.shape)} "
+            f"({int(np.prod(tokens.shape))} tokens); the trace holds "
+            f"{list(trace.leading_shape)} ({trace.num_rows}). Align the trace to the "
+            "trainer's batch (padding, packing, micro-batch split) before replay."
+        )
+    if len(trace.leading_shape) == len(tokens.shape) and trace.leading_shape != tokens.shape:
+        raise ReplayError(
+            f"{where}: the batch has token axes {list(tokens.shape)}; the trace "
+            f"{list(trace.leading_shape)}: the same count, laid out otherwise (batch-first "
+            "vs sequence-first?). Lay the trace out as the batch is."
+        )
+    shape = trace.leading_shape
+    if tokens.padding is not None:
+        padding = tokens.padding.to("cpu").reshape(shape)
+        routed = (trace.experts[..., 0] != NO_ROUTE).any(-1)  # [*shape]
+        wrong = routed & padding
+        if bool(wrong.any()):
+            position = _position(wrong)
+            raise ReplayError(
+                f"{where}: the trace routes {position}, which the attention mask marks "
+                f"padding ({int(wrong.sum())} such positions): the trace is padded on the "
+                "other side, or shifted. Lay it out with the batch's mask "
+                "(align.pad_traces(..., mask=attention_mask))."
+            )
+    if trace.tokens is None or tokens.ids is None:
+        return
+    check_token_ids(trace.tokens, tokens.ids.reshape(shape), where)
+
+
+def check_token_ids(expected: torch.Tensor, batch_ids: torch.Tensor, where: str) -> None:
+    """Raise unless the batch's token ids `batch_ids [*axes]` are the trace's `expected
+    [*axes]` wherever those are known (>= 0), naming the first position that differs."""
+    expected = expected.long()
+    batch_ids = batch_ids.detach().to("cpu", torch.int64)
+    wrong = (expected >= 0) & (expected != batch_ids)
+    if bool(wrong.any()):
+        index = tuple(int(i) for i in wrong.nonzero()[0])
+        raise ReplayError(
+            f"{where}: the trace was recorded for token {int(expected[index])} at "
+            f"{_position(wrong)}, but the batch holds token {int(batch_ids[index])} there "
+            f"({int(wrong.sum())} of {int((expected >= 0).sum())} known positions differ): "
+            "the routes belong to other tokens (a shifted, swapped or wrongly padded row, "
+            "or another rollout). Align the rollout's trace to this batch."
+        )
+
+
+def _position(mask: torch.Tensor) -> str:
+    """'sequence 1, position 4' (or 'position 4') of the first True in `mask`."""
+    index = [int(i) for i in mask.nonzero()[0]]
+    if len(index) == 2:
+        return f"sequence {index[0]}, position {index[1]}"
+    return f"position {', '.join(map(str, index))}"
