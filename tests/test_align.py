@@ -663,3 +663,22 @@ def test_token_ids_travel_with_their_routes_through_pad_pack_and_back() -> None:
     ]
     packed, _ = pack_traces(traces, multiple=4)
     assert packed.tokens is not None and packed.tokens.tolist()[:4] == [0, 1, 2, -1]
+
+
+def test_a_recording_that_routed_its_padding_unpads_when_told() -> None:
+    # megatron-core routes every row: its recording has routes on padding positions.
+    routed_everywhere = RoutingTrace(torch.tensor([[[0, 1], [2, 3]]]).expand(2, 6, 2, 2), (1, 2), 8)
+    with pytest.raises(TraceError, match=r"pass routed_padding=True"):
+        unpad_traces(routed_everywhere, torch.tensor([3, 5]))
+    back = unpad_traces(routed_everywhere, torch.tensor([3, 5]), routed_padding=True)
+    assert [t.num_rows for t in back] == [3, 5]
+
+
+def test_stage_slices_of_other_tokens_are_refused() -> None:
+    trace = RoutingTrace(torch.tensor([[[0, 1], [2, 3]]] * 3), (1, 2), 8)
+    first = trace.select_layers([1]).with_tokens(torch.tensor([5, 6, 7]))
+    second = trace.select_layers([2]).with_tokens(torch.tensor([5, 6, 8]))
+    with pytest.raises(TraceError, match=r"Stage slices 0 and 1 were recorded for other token ids"):
+        stack_stages([first, second])
+    joined = stack_stages([first, trace.select_layers([2])])
+    assert joined.tokens is not None and joined.tokens.tolist() == [5, 6, 7]

@@ -465,3 +465,15 @@ def test_each_context_gets_a_new_serial(model: ToyMoE, tokens: torch.Tensor) -> 
     with pytest.raises(RuntimeError), model.controller.replay(trace):
         raise RuntimeError("a failed step still counts")
     assert model.controller.context_serial == first + 2
+
+
+def test_a_micro_batch_key_keeps_its_case_in_errors() -> None:
+    layout = MoELayout(2, (1,), 8, 2)
+    controller = ReplayController(layout)
+    trace = RoutingTrace(torch.tensor([[[0, 1]]] * 3), (1,), 8).with_tokens(torch.tensor([1, 2, 3]))
+    with (
+        pytest.raises(ReplayError, match=r"^Micro-batch 'Step-7/GRPO': the trace was recorded"),
+        controller.replay({"Step-7/GRPO": trace}),
+        controller.micro_batch("Step-7/GRPO"),
+    ):
+        controller.set_tokens((3,), None, torch.tensor([1, 2, 4]))

@@ -238,3 +238,11 @@ def test_a_numpy_prompt_length_is_an_integer(tmp_path: Path) -> None:
             traces.prompt_len("0")  # type: ignore[arg-type]
         with pytest.raises(RouteReplayError, match=r"holds no sequence ids to look"):
             traces.index_of("a")
+
+
+def test_a_rollout_takes_routes_whose_unknown_tokens_are_minus_one() -> None:
+    routes = trace(3).with_tokens(torch.tensor([1, 2, -1]))
+    rollout = Rollout(torch.tensor([1, 2]), torch.tensor([3]), routes)
+    assert rollout.routes is not None
+    with pytest.raises(TraceError, match=r"recorded for other token ids"):
+        Rollout(torch.tensor([1, 9]), torch.tensor([3]), routes)

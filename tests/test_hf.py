@@ -464,3 +464,11 @@ def test_a_strict_replay_that_no_router_asked_is_an_error() -> None:
         controller.replay(trace),
     ):
         model(ids)
+
+
+def test_a_router_patched_by_another_library_is_not_blamed_on_a_controller() -> None:
+    model = tiny_model("qwen3_moe")
+    router = next(r for layer in model.model.layers if (r := router_of(layer)) is not None)
+    router.forward = MethodType(type(router).forward, router)  # as an offloading hook would
+    with pytest.raises(LayoutError, match=r"have a forward patched by another library"):
+        routereplay.attach(model)

@@ -480,3 +480,28 @@ def test_routes_of_other_micro_batches_are_caught_by_their_tokens_on_every_rank(
     assert re.search(r"pipeline rank 0 of this group failed its route checks", messages[1]), (
         messages[1]
     )
+
+
+def one_rank_with_routes_of_another_model(rank: int) -> str:
+    """Rank 1's routes have 16 experts, the model 8: the layout check, which replay()
+    runs on entry, is shared before the schedule too."""
+    model = build_model()
+    controller = routereplay.attach(model)
+    stages = build_stages(model, controller, 2, rank, (MICRO_BATCH, SEQ))
+    routes = random_routes()
+    if rank == 1:
+        routes = {mb: RoutingTrace(t.experts, t.layers, 16) for mb, t in routes.items()}
+    schedule = Schedule1F1B(stages[0], n_microbatches=MICRO_BATCHES, loss_fn=loss_fn)
+    input_ids, targets = batch()
+    try:
+        with pipeline_replay(stages, routes, MICRO_BATCHES):
+            schedule.step(*((input_ids,) if rank == 0 else ()), target=targets)
+    except ReplayError as error:
+        return str(error)
+    return "no error"
+
+
+def test_routes_of_another_model_on_one_rank_fail_every_rank_before_the_schedule() -> None:
+    messages = run_on_ranks(one_rank_with_routes_of_another_model, timeout_s=60.0)
+    assert "16 experts" in messages[1], messages[1]
+    assert "pipeline rank 1 of this group failed its route checks" in messages[0], messages[0]

@@ -386,7 +386,8 @@ def test_append_takes_one_sequence_not_a_batch(tmp_path: Path, hybrid_layout: Mo
         (np.arange(4), r"token ids have shape \[4\], the trace \[3\] tokens"),
         (np.zeros((3, 1), dtype=np.int64), r"token ids have shape \[3, 1\]"),
         (np.array([0.5, 1, 2]), "token ids must be integers, found dtype float64"),
-        (np.array([0, 1, 2**31]), "token ids must fit int32, found 0..2147483648"),
+        (np.array([0, 1, 2**31]), r"token ids must lie in \[0, 2\*\*31\), found 0..2147483648"),
+        (np.array([0, -5, 2]), r"token ids must lie in \[0, 2\*\*31\), found -5..2"),
     ],
 )
 def test_token_ids_must_fit_the_trace(
@@ -793,3 +794,17 @@ def test_a_model_that_differs_only_in_an_mtp_layer_reads_the_file(
                     hybrid_layout.num_layers, hybrid_layout.moe_layers, 17, hybrid_layout.top_k
                 )
             )
+
+
+def test_a_trace_that_knows_its_tokens_stores_them_and_refuses_others(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    known = three_sequences[0].with_tokens(torch.arange(7) + 3)
+    with TraceWriter(tmp_path / "r.rr", hybrid_layout) as writer:
+        writer.append(known)  # no tokens argument: the trace's own
+        with pytest.raises(
+            TraceError, match=r"hold 0 at position 0, where the trace was recorded for 3"
+        ):
+            writer.append(known, torch.arange(7))
+    with TraceFile(tmp_path / "r.rr") as traces:
+        assert traces.tokens(0).tolist() == list(range(3, 10))

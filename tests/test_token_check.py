@@ -97,12 +97,70 @@ def test_a_right_padded_trace_on_a_left_padded_batch_is_refused(
     shift = [int((1 - row).sum()) for row in mask]  # padding per row
     left_ids = torch.stack([row.roll(s) for row, s in zip(ids, shift, strict=True)])
     left_mask = torch.stack([row.roll(s) for row, s in zip(mask, shift, strict=True)])
+    # The trace knows its tokens: they are what gives it away.
     message = replay_error(model, trace, left_ids, attention_mask=left_mask)
+    assert "Micro-batch 0: the trace was recorded for token" in message
+    # Without token ids, the routes on padding positions do.
+    message = replay_error(model, trace.with_tokens(None), left_ids, attention_mask=left_mask)
     assert "Micro-batch 0: the trace routes sequence 0, position" in message
     assert (
         "which the attention mask marks padding" in message
         and "padded on the other side" in message
     )
+
+
+def test_a_recording_made_without_a_mask_replays_with_one(
+    rollouts: tuple[Any, list[Rollout]],
+) -> None:
+    # Its padding positions were routed (no mask said otherwise), but it knows its
+    # tokens, and they are the batch's: harmless routes on padding, not a misalignment.
+    model, sampled = rollouts
+    ids, mask, _ = right_padded(sampled)
+    controller = routereplay.attach(model)
+    try:
+        with torch.no_grad(), controller.record() as recording:
+            model(ids)
+        with torch.no_grad(), controller.replay(recording.trace):
+            model(ids, attention_mask=mask)
+    finally:
+        controller.detach()
+
+
+def test_token_ids_are_kept_as_they_were_when_the_input_buffer_is_reused(
+    rollouts: tuple[Any, list[Rollout]],
+) -> None:
+    model, sampled = rollouts
+    ids, mask, _ = right_padded(sampled)
+    buffer = ids.clone()  # a static input buffer, written in place between forwards
+    controller = routereplay.attach(model)
+    try:
+        with torch.no_grad(), controller.record() as recording:
+            model(buffer, attention_mask=mask)
+            buffer[0, 0] += 1
+            with pytest.raises(
+                ReplayError,
+                match=r"a second forward runs other tokens \(token \d+ at flat position 0, where the first forward had \d+\)",
+            ):
+                model(buffer, attention_mask=mask)
+        assert recording.trace.tokens is not None
+        assert torch.equal(recording.trace.tokens.long(), ids.masked_fill(mask == 0, -1))
+    finally:
+        controller.detach()
+
+
+def test_a_micro_batch_published_by_hand_still_tells_batches_apart(
+    rollouts: tuple[Any, list[Rollout]],
+) -> None:
+    model, sampled = rollouts
+    ids, mask, _ = right_padded(sampled)
+    controller = routereplay.attach(model)
+    try:
+        with torch.no_grad(), controller.record(), controller.micro_batch(0, tuple(ids.shape)):
+            model(ids, attention_mask=mask)
+            with pytest.raises(ReplayError, match=r"a second forward runs other tokens"):
+                model(ids.flip(0), attention_mask=mask.flip(0))
+    finally:
+        controller.detach()
 
 
 def test_a_shifted_row_names_the_sequence_position_and_both_tokens(

@@ -34,7 +34,10 @@ def check_batch(trace: RoutingTrace, tokens: Tokens, where: str) -> None:
             "vs sequence-first?). Lay the trace out as the batch is."
         )
     shape = trace.leading_shape
-    if tokens.padding is not None:
+    # Where the trace knows its tokens, the ids decide (routed padding of a recording
+    # made without a mask is harmless); without them, a routed padding position is the
+    # only sign of a trace padded on the other side or shifted.
+    if tokens.padding is not None and trace.tokens is None:
         padding = tokens.padding.to("cpu").reshape(shape)
         routed = (trace.experts[..., 0] != NO_ROUTE).any(-1)  # [*shape]
         wrong = routed & padding

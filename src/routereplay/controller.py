@@ -16,6 +16,7 @@ There is no process-global state; two controllers never see each other's routes.
 from __future__ import annotations
 
 import enum
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,6 +96,8 @@ class ReplayController:
         # Routers adapters ever attached (kept after detach: replaying then is an error).
         self._routers: set[int] = set()
         self._serial = 0
+        # Traces whose token ids were checked against their batch's already.
+        self._verified: weakref.WeakSet[RoutingTrace] = weakref.WeakSet()
         # The tokens of each micro-batch's first forward in this context.
         self._forwards: dict[MicroBatch, Tokens] = {}
 
@@ -204,8 +207,11 @@ class ReplayController:
         if token_shape is None:
             self._tokens = None
             return
+        if token_ids is not None and self._mode is not Mode.OFF:
+            # A copy: a reused input buffer must not change what was recorded or compared.
+            token_ids = token_ids.detach().clone()
         tokens = Tokens(tuple(token_shape), padding, token_ids)
-        if self._mode is not Mode.OFF:
+        if token_ids is not None and self._mode is not Mode.OFF:
             self._check_same_batch(tokens)
         # With only a shape to go on, the routers' own checks name the layer as well.
         if self._mode is Mode.REPLAY and (padding is not None or token_ids is not None):
@@ -246,7 +252,15 @@ class ReplayController:
         expected = trace.tokens
         if sequence_first and expected.ndim == 2:
             expected = expected.t()  # compare, and name positions, batch-first
+        if expected.ndim > 1 and tuple(expected.shape) != tuple(token_ids.shape):
+            order = "sequence-first (rr_megatron.sequence_first)" if sequence_first else "so"
+            raise ReplayError(
+                f"{self._where(micro_batch)}: the batch's input ids are {list(token_ids.shape)}; "
+                f"the trace's token axes are {list(trace.leading_shape)}: lay the trace out "
+                f"{order}, as the model sees the batch."
+            )
         check_token_ids(expected, token_ids.reshape(expected.shape), self._where(micro_batch))
+        self._verified.add(trace)
 
     def check_tokens(self, token_ids: torch.Tensor, *, sequence_first: bool = False) -> None:
         """In replay, check the running micro-batch's trace against the model's input
@@ -258,7 +272,8 @@ class ReplayController:
         ids, which the ids cannot be compared with: it is left to the routers' checks.
         """
         trace = self._routes.get(self._micro_batch) if self._mode is Mode.REPLAY else None
-        if trace is not None:
+        # Checked before the schedule (rr_megatron.check_routes): no host copy per forward.
+        if trace is not None and trace not in self._verified:
             self.check_tokens_of(trace, token_ids, self._micro_batch, sequence_first=sequence_first)
 
     def add_router(self, layer: int) -> None:
@@ -338,28 +353,41 @@ class ReplayController:
         return self._replay(key, native, num_experts)
 
     def _check_same_batch(self, tokens: Tokens) -> None:
-        """A second forward under one micro-batch key must run the same tokens."""
+        """A second forward under one micro-batch key must run the same token ids (only
+        publications that carry ids take part: the adapter's, once per forward)."""
+        assert tokens.ids is not None
         first = self._forwards.setdefault(self._micro_batch, tokens)
         if first is tokens:
             return
-        same = first.shape == tokens.shape
-        if same and first.ids is not None and tokens.ids is not None:
-            same = bool(torch.equal(first.ids.to(tokens.ids.device), tokens.ids))
-        if not same:
-            raise ReplayError(
-                f"{self._where()}: a second forward runs other tokens (token axes "
-                f"{list(tokens.shape)}, the first forward's {list(first.shape)}) under the "
-                f"same micro-batch key in one {self._mode.value} context. Its routers would "
-                "get the first batch's ids as if recomputing. Run each batch under its own "
-                "controller.micro_batch(key), or one context per batch; model.generate() "
-                "runs a forward per new token: record generation with "
-                "routereplay.engines.hf.RecordingEngine."
+        assert first.ids is not None
+        if first.ids.numel() != tokens.ids.numel():
+            found = f"{tokens.ids.numel()} tokens, the first forward's {first.ids.numel()}"
+        elif not torch.equal(first.ids.reshape(-1).to(tokens.ids.device), tokens.ids.reshape(-1)):
+            differ = first.ids.reshape(-1).to(tokens.ids.device) != tokens.ids.reshape(-1)
+            position = int(differ.nonzero()[0])
+            found = (
+                f"token {int(tokens.ids.reshape(-1)[position])} at flat position {position}, "
+                f"where the first forward had {int(first.ids.reshape(-1)[position])}"
             )
+        else:
+            return
+        generation = (
+            " model.generate() runs a forward per new token: record generation with "
+            "routereplay.engines.hf.RecordingEngine."
+            if self._mode is Mode.RECORD
+            else ""
+        )
+        raise ReplayError(
+            f"{self._where()}: a second forward runs other tokens ({found}) under the same "
+            f"micro-batch key in one {self._mode.value} context: its routers would get the "
+            "first batch's ids as if recomputing. Run each batch under its own "
+            f"controller.micro_batch(key), or one context per batch.{generation}"
+        )
 
     def _where(self, micro_batch: MicroBatch | None = None) -> str:
         key = self._micro_batch if micro_batch is None else micro_batch
         where = f"micro-batch {key!r}"
-        return f"{self.label}, {where}" if self.label else where.capitalize()
+        return f"{self.label}, {where}" if self.label else where[0].upper() + where[1:]
 
     # -- statistics -------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ class Rollout:
             ids = self.token_ids
             if self.routes.tokens is None:
                 object.__setattr__(self, "routes", self.routes.with_tokens(ids))
-            elif not torch.equal(self.routes.tokens.long(), ids):
+            elif bool(((self.routes.tokens >= 0) & (self.routes.tokens.long() != ids)).any()):
                 raise TraceError(
                     f"{where}: the routes were recorded for other token ids than the "
                     "rollout's prompt and completion."

@@ -278,7 +278,8 @@ class RoutingTrace:
         return full
 
     def equal(self, other: RoutingTrace) -> bool:
-        """Same layers, expert count and ids (in the same column order)."""
+        """Same layers, expert count and ids (in the same column order): the same routes,
+        whatever token ids either knows."""
         return (
             self.layers == other.layers
             and self.num_experts == other.num_experts

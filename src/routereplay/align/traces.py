@@ -128,10 +128,16 @@ def unpad_traces(
     *,
     side: Literal["right", "left"] = "right",
     mask: torch.Tensor | None = None,
+    routed_padding: bool = False,
 ) -> list[RoutingTrace]:
     """A padded batch `[batch, seq, layers, top_k]` -> per-sequence traces, dropping the
     padding: `[lengths[i], layers, top_k]` padded on `side`, or the rows where the
-    attention `mask [batch, seq]` is true."""
+    attention `mask [batch, seq]` is true.
+
+    The rows dropped must be padding: no known token id, and (unless `routed_padding`)
+    no route. A recording whose routers also routed the padding (megatron-core, or
+    transformers without an attention mask) has routes there: say so with
+    `routed_padding=True`; its token ids, where known, are still checked."""
     if len(batch.leading_shape) != 2:
         raise TraceError(
             f"A padded batch trace is [batch, seq, layers, top_k]; this one has token axes "
@@ -148,7 +154,7 @@ def unpad_traces(
         plan = _unpadding_plan(batch, lengths, side)
     else:
         raise LayoutError("Give the sequences' lengths or the batch's mask (one of them).")
-    return split_traces(_restore_rows(batch, plan), plan.valid_lengths)
+    return split_traces(_restore_rows(batch, plan, routed_padding, "pad"), plan.valid_lengths)
 
 
 def _unpadding_plan(
@@ -173,9 +179,12 @@ def pack_traces(
     return plan.apply_trace(flat), plan
 
 
-def unpack_traces(packed: RoutingTrace, lengths: Lengths, multiple: int = 1) -> list[RoutingTrace]:
+def unpack_traces(
+    packed: RoutingTrace, lengths: Lengths, multiple: int = 1, *, routed_padding: bool = False
+) -> list[RoutingTrace]:
     """THD packed `[sum(padded lengths), layers, top_k]` -> per-sequence traces, given the
-    unpadded `lengths` and the `multiple` the packing padded to."""
+    unpadded `lengths` and the `multiple` the packing padded to (`routed_padding` as
+    `unpad_traces`: a recording whose routers routed the packing's padding)."""
     plan = pack_plan(lengths, multiple)
     if packed.num_rows != plan.num_tokens:
         raise TraceError(
@@ -183,37 +192,52 @@ def unpack_traces(packed: RoutingTrace, lengths: Lengths, multiple: int = 1) -> 
             f"the packed trace has {packed.num_rows}: the lengths or the multiple differ "
             "from the packing's."
         )
-    return split_traces(_restore_rows(packed, plan), plan.valid_lengths)
+    return split_traces(_restore_rows(packed, plan, routed_padding, "pack"), plan.valid_lengths)
 
 
-def _restore_rows(trace: RoutingTrace, plan: TokenPlan) -> RoutingTrace:
+def _restore_rows(
+    trace: RoutingTrace, plan: TokenPlan, routed_padding: bool, how: str
+) -> RoutingTrace:
     """`trace [*plan.shape, layers, top_k]` back on the plan's source axis, padding
     rows dropped."""
     rows = trace.experts.reshape(plan.num_tokens, *trace.experts.shape[-2:])
     tokens = token_rows(trace)
-    _check_dropped(rows, tokens, plan)
+    _check_dropped(None if routed_padding else rows, tokens, plan, how)
     restored = None if tokens is None else restore([tokens], [plan])
     return trace.derive(restore([rows], [plan]), trace.layers, restored)
 
 
-def _check_dropped(rows: torch.Tensor, tokens: torch.Tensor | None, plan: TokenPlan) -> None:
-    """The rows a plan drops as padding must hold no route (and no token): real routes
-    there mean the lengths, the padding side or the multiple are not the batch's."""
+def _check_dropped(
+    rows: torch.Tensor | None, tokens: torch.Tensor | None, plan: TokenPlan, how: str
+) -> None:
+    """The rows a plan drops as padding must hold no known token id and (`rows` given)
+    no route: otherwise the lengths, the padding side or the multiple are not the
+    batch's, and real routes would be dropped or shifted."""
     dropped = plan.source < 0  # [num_tokens]
-    routed = (rows[..., 0] != NO_ROUTE).any(-1) & dropped
-    known = (tokens >= 0) & dropped if tokens is not None else None
-    for bad, what in ((routed, "routes"), (known, "a token id")):
+    routed = None if rows is None else (rows[..., 0] != NO_ROUTE).any(-1) & dropped
+    known = None if tokens is None else (tokens >= 0) & dropped
+    fix = (
+        "the lengths, padding side and multiple the batch was laid out with (or its mask)"
+        if how == "pad"
+        else "the unpadded lengths and the multiple the packing padded to"
+    )
+    for bad, what in ((known, "a token id"), (routed, "routes")):
         if bad is not None and bool(bad.any()):
             flat = int(bad.nonzero()[0])
             where = [int(i) for i in torch.unravel_index(torch.tensor(flat), plan.shape)]
             position = (
                 f"row {where[0]}, position {where[1]}" if len(where) == 2 else f"position {flat}"
             )
+            routed_hint = (
+                " If the recording routed its padding (megatron-core, or no attention mask), "
+                "pass routed_padding=True."
+                if what == "routes"
+                else ""
+            )
             raise TraceError(
                 f"{position} holds {what}, but the given lengths and padding make it "
                 f"padding ({int(bad.sum())} such rows): real routes would be dropped or "
-                "shifted. Give the lengths, padding side and multiple the batch was laid "
-                "out with (or its attention mask)."
+                f"shifted. Give {fix}.{routed_hint}"
             )
 
 
@@ -282,14 +306,33 @@ def stack_stages(stages: Sequence[RoutingTrace], layout: MoELayout | None = None
             f"routes {_short(layout.moe_layers)} (missing {_short(missing)}, not routed "
             f"{_short(extra)}): give one slice per pipeline stage."
         )
+    tokens = _stage_tokens(stages)
     ordered = sorted((stage for stage in stages if stage.layers), key=lambda t: t.layers[0])
     if not ordered:
-        return first.derive(first.experts, (), first.tokens)
+        return first.derive(first.experts, (), tokens)
     experts = torch.cat([stage.experts for stage in ordered], dim=-2)
     joined = [layer for stage in ordered for layer in stage.layers]
     if joined != list(layers):  # slices that interleave (not stage ranges): sort the slots
         experts = experts[..., sorted(range(len(joined)), key=joined.__getitem__), :]
-    return first.derive(experts, layers, first.tokens)
+    return first.derive(experts, layers, tokens)
+
+
+def _stage_tokens(stages: Sequence[RoutingTrace]) -> torch.Tensor | None:
+    """The token ids the stage slices know, which must agree where two know them."""
+    known = [(i, s.tokens) for i, s in enumerate(stages) if s.tokens is not None]
+    if not known:
+        return None
+    first_index, tokens = known[0]
+    merged = tokens.clone()
+    for index, other in known[1:]:
+        both = (merged >= 0) & (other >= 0)
+        if bool((both & (merged != other)).any()):
+            raise TraceError(
+                f"Stage slices {first_index} and {index} were recorded for other token ids: "
+                "stack slices of one piece of one batch."
+            )
+        merged = torch.where(merged >= 0, merged, other)
+    return merged
 
 
 def _check_lengths(lengths: torch.Tensor, found: torch.Tensor, said: str) -> None:

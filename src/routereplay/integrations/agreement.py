@@ -15,7 +15,7 @@ import torch.distributed as dist
 from routereplay.errors import ReplayError
 
 
-def agree_on_checks(failure: ReplayError | None, group: Any, where: str) -> None:
+def agree_on_checks(failure: Exception | None, group: Any, where: str) -> None:
     """Share this rank's check outcome over `group` (one `all_gather_object`); raise on
     every rank if any failed: this rank's own error first, else the first failed
     rank's, prefixed with `where`. Without an initialised process group, only this

@@ -33,6 +33,8 @@ from routereplay.routing import RouterSpec
 
 # Families whose router casts hidden states and weight to float32 before the linear.
 _FP32_LOGITS = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe")
+# Marks a router this adapter patched (and no other library's hook).
+_PATCHED = "_routereplay_attached"
 _ROUTER_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(?:gate|router)$")
 # Wrappers that insert a level into module names: activation checkpointing's
 # checkpoint_wrapper, FSDP1, torch.compile.
@@ -63,13 +65,20 @@ def attach(model: nn.Module, *, strict: bool = True, source: str = "hf") -> Repl
             f"has routers on layers {list(routers)}. Supported families: "
             f"{', '.join(SUPPORTED_HF_FAMILIES)}."
         )
-    patched = [layer for layer, router in routers.items() if "forward" in vars(router)]
-    if patched:
+    ours = [layer for layer, router in routers.items() if hasattr(router, _PATCHED)]
+    if ours:
         raise ReplayError(
-            f"The routers of layers {_short(patched)} are already attached to a controller. "
+            f"The routers of layers {_short(ours)} are already attached to a controller. "
             "Two controllers on one model would take each other's patches, and detaching "
             "one would silently switch the other off: detach the first "
             "(controller.detach()) before attaching again."
+        )
+    theirs = [layer for layer, router in routers.items() if "forward" in vars(router)]
+    if theirs:
+        raise LayoutError(
+            f"The routers of layers {_short(theirs)} have a forward patched by another "
+            "library (an offloading or device-map hook?); routereplay replaces the router's "
+            "forward and would drop it. Attach before that library's hooks, or without them."
         )
     controller = ReplayController(layout, strict=strict, source=source)
     fp32 = layout.family in _FP32_LOGITS
@@ -144,10 +153,12 @@ def _patch_router(
         return logits, weights, ids
 
     router.forward = MethodType(forward, router)
+    setattr(router, _PATCHED, True)
     controller.add_router(layer)
 
     def undo() -> None:
         del router.forward
+        delattr(router, _PATCHED)
 
     controller.on_detach(undo)
 

@@ -106,14 +106,14 @@ def check_routes(
     one collective, so that a rank with bad routes fails all ranks at once instead of
     leaving them waiting inside the schedule.
     """
-    failure: ReplayError | None = None
+    failure: Exception | None = None
     try:
-        controller.check_routes(routes)
+        controller.check_routes(dict(routes))
         for micro_batch, ids in (token_ids or {}).items():
             trace = routes.get(micro_batch)
             if trace is not None:
                 controller.check_tokens_of(trace, ids, micro_batch, sequence_first=True)
-    except ReplayError as error:
+    except Exception as error:  # any failure here is shared, or a peer would hang
         failure = error
     if group is None and dist.is_available() and dist.is_initialized():
         from megatron.core import parallel_state

@@ -325,15 +325,16 @@ def pipeline_replay(
     """
     if not stages:
         raise ReplayError("pipeline_replay() needs this rank's stages; none were given.")
-    failure: ReplayError | None = None
+    failure: Exception | None = None
     try:
+        stages[0].controller.check_routes(dict(routes))  # what replay() checks on entry
         for stage in stages:
             check_stage_routes(stage, routes, num_micro_batches)
         if input_ids is not None:
             pieces = torch.tensor_split(input_ids, num_micro_batches)
             for micro_batch, trace in routes.items():
                 stages[0].controller.check_tokens_of(trace, pieces[micro_batch], micro_batch)
-    except ReplayError as error:
+    except Exception as error:  # any failure here is shared, or a peer would hang
         failure = error
     agree_on_checks(failure, stages[0].group, stages[0].where)
     by_micro_batch: dict[MicroBatch, RoutingTrace] = {mb: t for mb, t in routes.items()}

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import struct
+import weakref
 import zlib
 from collections.abc import Iterator
 from numbers import Integral
@@ -56,18 +57,27 @@ class TraceFile:
         if not self.path.is_file():
             what = "is a directory" if self.path.is_dir() else "does not exist"
             raise FileNotFoundError(f"{self.path} {what}: no trace file to read.")
-        try:
-            self._handle: Any = _open_safetensors(self.path)
-        except SafetensorError as error:
-            raise TraceFileError(
-                f"{self.path} is not a readable trace file: {why_unreadable(self.path, error)}."
-            ) from None
+        # Our descriptor first, then safetensors by name; if a writer's atomic rename
+        # landed in between, they would read two files: open again.
+        for _ in range(3):
+            self._file = self.path.open("rb")
+            try:
+                self._handle: Any = _open_safetensors(self.path)
+            except SafetensorError as error:
+                self._file.close()
+                raise TraceFileError(
+                    f"{self.path} is not a readable trace file: {why_unreadable(self.path, error)}."
+                ) from None
+            if os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path)):
+                break
+            self._handle.__exit__(None, None, None)
+            self._file.close()
+        weakref.finalize(self, self._file.close)
         try:
             self._read_index(self._handle.metadata() or {})
-            # Sequences are read with pread from a file descriptor, not through the memory
-            # map: a file truncated under an open reader then gives a short read, which is
-            # an error, where a mapped page past the end would kill the process (SIGBUS).
-            self._file = self.path.open("rb")
+            # Sequences are read with pread from that descriptor, not through the memory
+            # map: a file truncated under an open reader then gives a short read, which
+            # is an error, where a mapped page past the end would kill the process (SIGBUS).
             self._placement = _tensor_placement(self._file)
         except BaseException:
             self.close()
@@ -423,7 +433,7 @@ class TraceFile:
         begin, dtype, shape = self._placement[name]
         row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         size = (stop - start) * row
-        data = os.pread(self._file.fileno(), size, begin + start * row)
+        data = _read_at(self._file, size, begin + start * row)
         if len(data) != size:
             raise TraceFileError(
                 f"{self.path} was truncated while open: {len(data)} of the {size} bytes of "
@@ -433,11 +443,20 @@ class TraceFile:
         return np.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
 
 
+def _read_at(file: Any, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset` (fewer at the end of the file)."""
+    if hasattr(os, "pread"):
+        return os.pread(file.fileno(), size, offset)
+    file.seek(offset)  # no pread (Windows): a reader is not shared between threads
+    data: bytes = file.read(size)
+    return data
+
+
 def _tensor_placement(file: Any) -> dict[str, tuple[int, np.dtype[Any], tuple[int, ...]]]:
     """Each tensor's absolute byte offset, dtype and shape, from the safetensors header
     (already validated by safetensors and `_read_index`)."""
-    (length,) = struct.unpack("<Q", file.read(8))
-    header = json.loads(file.read(length))
+    (length,) = struct.unpack("<Q", _read_at(file, 8, 0))
+    header = json.loads(_read_at(file, length, 8))
     return {
         name: (
             8 + length + spec["data_offsets"][0],

@@ -3,7 +3,7 @@ writes the trace file atomically on `close()`."""
 
 from __future__ import annotations
 
-import fcntl
+import glob
 import json
 import os
 import struct
@@ -47,13 +47,15 @@ def _take_spill(spill_path: Path, path: Path) -> IO[bytes]:
     """Create `PATH.partial` and hold an exclusive lock on it while writing.
 
     A writer that died (killed, crashed) leaves its spill file behind but not its lock:
-    the lock tells a stale file from a live writer's, which is never touched.
+    the lock tells a stale file from a live writer's, which is never touched. Where the
+    filesystem (or the platform) has no locks, an existing spill file is refused, as
+    nothing can tell whether its writer lives.
     """
     if not path.parent.is_dir():
         raise TraceFileError(
             f"Cannot write {path}: the directory {path.parent} does not exist. Create it first."
         )
-    for _ in range(2):
+    for _ in range(3):
         try:
             spill = open(spill_path, "x+b")  # noqa: SIM115 (held until close or discard)
         except FileExistsError:
@@ -61,9 +63,35 @@ def _take_spill(spill_path: Path, path: Path) -> IO[bytes]:
             continue
         except OSError as error:
             raise TraceFileError(f"Cannot write {path}: {error}.") from None
+        try:
+            locked = _lock(spill)
+        except BlockingIOError:  # a stale-file check holds it this instant: ours is gone
+            spill.close()
+            continue
+        # Locked, but is it still the file at that name? A stale-file check may have
+        # removed it between our create and our lock.
+        same = os.path.exists(spill_path) and os.path.samestat(
+            os.fstat(spill.fileno()), os.stat(spill_path)
+        )
+        if same or not locked:
+            return spill
+        spill.close()
+    raise TraceFileError(f"Cannot take {spill_path}: other writers keep taking it.")
+
+
+def _lock(spill: IO[bytes]) -> bool:
+    """An exclusive, non-blocking lock on `spill`; False where there are no locks."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return False
+    try:
         fcntl.flock(spill.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return spill
-    raise TraceFileError(f"Cannot take {spill_path}: another writer took it meanwhile.")
+    except BlockingIOError:
+        raise
+    except OSError:  # ENOLCK, EOPNOTSUPP: a filesystem without flock
+        return False
+    return True
 
 
 def _remove_if_stale(spill_path: Path, path: Path) -> None:
@@ -71,15 +99,21 @@ def _remove_if_stale(spill_path: Path, path: Path) -> None:
     try:
         with open(spill_path, "rb") as held:
             try:
-                fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = _lock(held)
             except BlockingIOError:
                 raise TraceFileError(
                     f"{spill_path} is held by a TraceWriter that is writing {path} now; wait "
                     "for it to finish, or write another file."
                 ) from None
+            if not locked:
+                raise TraceFileError(
+                    f"{spill_path} exists, and this filesystem cannot tell whether its "
+                    "writer still runs (no file locks): remove it if no TraceWriter is "
+                    f"writing {path}."
+                )
             # Nobody writes: an interrupted writer's leftovers, its temporary too.
             spill_path.unlink(missing_ok=True)
-            for temporary in path.parent.glob(f".{path.name}.*.tmp"):
+            for temporary in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
                 temporary.unlink(missing_ok=True)
     except FileNotFoundError:
         pass  # removed by its writer meanwhile
@@ -156,7 +190,7 @@ class TraceWriter:
         """
         spill = self._open_spill()
         experts = self._check_trace(trace)
-        token_ids = self._check_tokens(tokens, len(experts))
+        token_ids = self._check_tokens(self._tokens_of(trace, tokens), len(experts))
         self._check_facts(prompt_len, sequence_id, len(experts))
         ids, mask = self._codec.encode(experts)
         token_bytes = None if token_ids is None else token_ids.view(np.uint8)
@@ -218,9 +252,10 @@ class TraceWriter:
     def discard(self) -> None:
         """Drop everything appended: remove the spill file, write no trace file."""
         if self._spill is not None:
+            # Unlinked while still locked: a new writer never takes it for stale.
+            self.spill_path.unlink(missing_ok=True)
             self._spill.close()
             self._spill = None
-            self.spill_path.unlink(missing_ok=True)
 
     # -- internals --------------------------------------------------------------------
 
@@ -262,6 +297,28 @@ class TraceWriter:
         experts: np.ndarray[Any, Any] = trace.experts.detach().cpu().numpy()
         return experts
 
+    def _tokens_of(self, trace: RoutingTrace, tokens: TokenIds | None) -> TokenIds | None:
+        """The token ids to store: `tokens`, else the trace's own when it knows them all;
+        given ids must agree with the trace's where it knows them."""
+        known = trace.tokens
+        if known is None:
+            return tokens
+        if tokens is None:
+            return None if bool((known < 0).any()) else known
+        given = (
+            torch.as_tensor(np.asarray(tokens)) if not isinstance(tokens, torch.Tensor) else tokens
+        )
+        if given.shape == known.shape and not given.is_floating_point():
+            differ = (known >= 0) & (known.long() != given.long())
+            if bool(differ.any()):
+                position = int(differ.nonzero()[0][0])
+                raise TraceError(
+                    f"Sequence {self._sequences} appended to {self.path}: the token ids given "
+                    f"hold {int(given[position])} at position {position}, where the trace was "
+                    f"recorded for {int(known[position])}."
+                )
+        return tokens
+
     def _check_tokens(self, tokens: TokenIds | None, count: int) -> npt.NDArray[np.int32] | None:
         where = f"Sequence {self._sequences} appended to {self.path}"
         given = tokens is not None
@@ -286,9 +343,9 @@ class TraceWriter:
                 f"{where}: token ids have shape {list(array.shape)}, the trace [{count}] tokens."
             )
         info = np.iinfo(np.int32)
-        if array.size and (array.min() < info.min or array.max() > info.max):
+        if array.size and (array.min() < 0 or array.max() > info.max):
             raise TraceError(
-                f"{where}: token ids must fit int32, found {array.min()}..{array.max()}."
+                f"{where}: token ids must lie in [0, 2**31), found {array.min()}..{array.max()}."
             )
         return array.astype("<i4")
 
