@@ -419,23 +419,30 @@ def test_a_stage_failing_inside_the_schedule_names_itself() -> None:
     ), str(failure.value)
 
 
-def one_rank_with_bad_routes(rank: int) -> str:
-    """Rank 1 lacks a layer its stage routes; rank 0's routes are fine. Both enter
-    pipeline_replay: the one collective of its checks must fail both, at once."""
+def replay_error_of_a_1f1b_step(
+    rank: int, routes: dict[int, RoutingTrace], input_ids: torch.Tensor | None = None
+) -> str:
+    """What one 1F1B step under `pipeline_replay(routes)` raises on this rank."""
     model = build_model()
     controller = routereplay.attach(model)
     stages = build_stages(model, controller, 2, rank, (MICRO_BATCH, SEQ))
-    routes = random_routes()
-    if rank == 1:
-        routes = {mb: t.select_layers([3, 4, 5, 7]) for mb, t in routes.items()}
     schedule = Schedule1F1B(stages[0], n_microbatches=MICRO_BATCHES, loss_fn=loss_fn)
-    input_ids, targets = batch()
+    inputs, targets = batch()
     try:
-        with pipeline_replay(stages, routes, MICRO_BATCHES):
-            schedule.step(*((input_ids,) if rank == 0 else ()), target=targets)
+        with pipeline_replay(stages, routes, MICRO_BATCHES, input_ids=input_ids):
+            schedule.step(*((inputs,) if rank == 0 else ()), target=targets)
     except ReplayError as error:
         return str(error)
     return "no error"
+
+
+def one_rank_with_bad_routes(rank: int) -> str:
+    """Rank 1 lacks a layer its stage routes; rank 0's routes are fine. Both enter
+    pipeline_replay: the one collective of its checks must fail both, at once."""
+    routes = random_routes()
+    if rank == 1:
+        routes = {mb: t.select_layers([3, 4, 5, 7]) for mb, t in routes.items()}
+    return replay_error_of_a_1f1b_step(rank, routes)
 
 
 def test_a_rank_whose_routes_fail_the_checks_fails_every_rank_before_the_schedule() -> None:
@@ -454,21 +461,12 @@ def test_a_rank_whose_routes_fail_the_checks_fails_every_rank_before_the_schedul
 
 def routes_of_other_micro_batches(rank: int) -> str:
     """The routes know their tokens; rank 0 hands them to the wrong micro-batches."""
-    model = build_model()
-    controller = routereplay.attach(model)
-    stages = build_stages(model, controller, 2, rank, (MICRO_BATCH, SEQ))
-    input_ids, targets = batch()
+    input_ids, _ = batch()
     pieces = torch.tensor_split(input_ids, MICRO_BATCHES)
     routes = {mb: t.with_tokens(pieces[mb]) for mb, t in random_routes().items()}
     if rank == 0:
         routes = {mb: routes[(mb + 1) % MICRO_BATCHES] for mb in routes}
-    schedule = Schedule1F1B(stages[0], n_microbatches=MICRO_BATCHES, loss_fn=loss_fn)
-    try:
-        with pipeline_replay(stages, routes, MICRO_BATCHES, input_ids=input_ids):
-            schedule.step(*((input_ids,) if rank == 0 else ()), target=targets)
-    except ReplayError as error:
-        return str(error)
-    return "no error"
+    return replay_error_of_a_1f1b_step(rank, routes, input_ids)
 
 
 def test_routes_of_other_micro_batches_are_caught_by_their_tokens_on_every_rank() -> None:
@@ -485,20 +483,10 @@ def test_routes_of_other_micro_batches_are_caught_by_their_tokens_on_every_rank(
 def one_rank_with_routes_of_another_model(rank: int) -> str:
     """Rank 1's routes have 16 experts, the model 8: the layout check, which replay()
     runs on entry, is shared before the schedule too."""
-    model = build_model()
-    controller = routereplay.attach(model)
-    stages = build_stages(model, controller, 2, rank, (MICRO_BATCH, SEQ))
     routes = random_routes()
     if rank == 1:
         routes = {mb: RoutingTrace(t.experts, t.layers, 16) for mb, t in routes.items()}
-    schedule = Schedule1F1B(stages[0], n_microbatches=MICRO_BATCHES, loss_fn=loss_fn)
-    input_ids, targets = batch()
-    try:
-        with pipeline_replay(stages, routes, MICRO_BATCHES):
-            schedule.step(*((input_ids,) if rank == 0 else ()), target=targets)
-    except ReplayError as error:
-        return str(error)
-    return "no error"
+    return replay_error_of_a_1f1b_step(rank, routes)
 
 
 def test_routes_of_another_model_on_one_rank_fail_every_rank_before_the_schedule() -> None:

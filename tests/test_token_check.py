@@ -9,6 +9,8 @@ the position and both token ids.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -37,6 +39,16 @@ def rollouts() -> tuple[Any, list[Rollout]]:
     return model, sampled
 
 
+@contextmanager
+def attached(model: Any) -> Iterator[routereplay.ReplayController]:
+    """`routereplay.attach(model)`, detached again however the block ends."""
+    controller = routereplay.attach(model)
+    try:
+        yield controller
+    finally:
+        controller.detach()
+
+
 def right_padded(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, RoutingTrace]:
     """input_ids and attention mask of the rollouts right-padded, and their trace."""
     width = max(len(r.token_ids) for r in rollouts)
@@ -60,10 +72,9 @@ def test_a_batch_laid_out_like_the_trace_replays(rollouts: tuple[Any, list[Rollo
     model, sampled = rollouts
     ids, mask, trace = right_padded(sampled)
     assert trace.tokens is not None and (trace.tokens[mask == 0] == -1).all()
-    controller = routereplay.attach(model)
     experts = ExpertIds(model)
     try:
-        with torch.no_grad(), controller.replay(trace):
+        with attached(model) as controller, torch.no_grad(), controller.replay(trace):
             model(ids, attention_mask=mask)
         ran = experts.last(1).reshape(*ids.shape, -1)  # [batch, seq, top_k] at mlp.experts
         wanted = trace.layer_experts(1).long()
@@ -72,20 +83,16 @@ def test_a_batch_laid_out_like_the_trace_replays(rollouts: tuple[Any, list[Rollo
         assert controller.totals().replayed > 0
     finally:
         experts.remove()
-        controller.detach()
 
 
 def replay_error(model: Any, trace: RoutingTrace, ids: torch.Tensor, **kwargs: Any) -> str:
-    controller = routereplay.attach(model)
-    try:
-        with (
-            torch.no_grad(),
-            pytest.raises(ReplayError) as error,
-            controller.replay(trace),
-        ):
-            model(ids, **kwargs)
-    finally:
-        controller.detach()
+    with (
+        attached(model) as controller,
+        torch.no_grad(),
+        pytest.raises(ReplayError) as error,
+        controller.replay(trace),
+    ):
+        model(ids, **kwargs)
     return str(error.value)
 
 
@@ -116,14 +123,11 @@ def test_a_recording_made_without_a_mask_replays_with_one(
     # tokens, and they are the batch's: harmless routes on padding, not a misalignment.
     model, sampled = rollouts
     ids, mask, _ = right_padded(sampled)
-    controller = routereplay.attach(model)
-    try:
+    with attached(model) as controller:
         with torch.no_grad(), controller.record() as recording:
             model(ids)
         with torch.no_grad(), controller.replay(recording.trace):
             model(ids, attention_mask=mask)
-    finally:
-        controller.detach()
 
 
 def test_token_ids_are_kept_as_they_were_when_the_input_buffer_is_reused(
@@ -132,8 +136,7 @@ def test_token_ids_are_kept_as_they_were_when_the_input_buffer_is_reused(
     model, sampled = rollouts
     ids, mask, _ = right_padded(sampled)
     buffer = ids.clone()  # a static input buffer, written in place between forwards
-    controller = routereplay.attach(model)
-    try:
+    with attached(model) as controller:
         with torch.no_grad(), controller.record() as recording:
             model(buffer, attention_mask=mask)
             buffer[0, 0] += 1
@@ -144,8 +147,6 @@ def test_token_ids_are_kept_as_they_were_when_the_input_buffer_is_reused(
                 model(buffer, attention_mask=mask)
         assert recording.trace.tokens is not None
         assert torch.equal(recording.trace.tokens.long(), ids.masked_fill(mask == 0, -1))
-    finally:
-        controller.detach()
 
 
 def test_a_micro_batch_published_by_hand_still_tells_batches_apart(
@@ -153,14 +154,15 @@ def test_a_micro_batch_published_by_hand_still_tells_batches_apart(
 ) -> None:
     model, sampled = rollouts
     ids, mask, _ = right_padded(sampled)
-    controller = routereplay.attach(model)
-    try:
-        with torch.no_grad(), controller.record(), controller.micro_batch(0, tuple(ids.shape)):
-            model(ids, attention_mask=mask)
-            with pytest.raises(ReplayError, match=r"a second forward runs other tokens"):
-                model(ids.flip(0), attention_mask=mask.flip(0))
-    finally:
-        controller.detach()
+    with (
+        attached(model) as controller,
+        torch.no_grad(),
+        controller.record(),
+        controller.micro_batch(0, tuple(ids.shape)),
+    ):
+        model(ids, attention_mask=mask)
+        with pytest.raises(ReplayError, match=r"a second forward runs other tokens"):
+            model(ids.flip(0), attention_mask=mask.flip(0))
 
 
 def test_a_shifted_row_names_the_sequence_position_and_both_tokens(
@@ -196,10 +198,8 @@ def test_a_sequence_first_trace_on_a_batch_first_input_is_refused(
 ) -> None:
     model, sampled = rollouts
     ids = torch.stack([sampled[1].token_ids[:6], sampled[1].token_ids[1:7]])  # [2, 6]
-    controller = routereplay.attach(model)
-    with torch.no_grad(), controller.record() as recording:
+    with attached(model) as controller, torch.no_grad(), controller.record() as recording:
         model(ids)
-    controller.detach()
     trace = recording.trace.reshape_tokens(6, 2)  # the same ids laid out [6, 2]
     message = replay_error(model, trace, ids)
     assert (
@@ -223,19 +223,18 @@ def test_a_swapped_context_parallel_piece_is_refused(
     message = replay_error(model, rank1[0].reshape_tokens(1, -1), ids[0][None])
     assert "the trace was recorded for token" in message and "but the batch holds token" in message
     # Its own routes replay.
-    controller = routereplay.attach(model)
-    try:
-        with torch.no_grad(), controller.replay(rank0[0].reshape_tokens(1, -1)):
-            model(ids[0][None], position_ids=torch.arange(ids[0].numel())[None])
-    finally:
-        controller.detach()
+    with (
+        attached(model) as controller,
+        torch.no_grad(),
+        controller.replay(rank0[0].reshape_tokens(1, -1)),
+    ):
+        model(ids[0][None], position_ids=torch.arange(ids[0].numel())[None])
 
 
 def test_a_recording_keeps_the_batchs_tokens_for_r2(rollouts: tuple[Any, list[Rollout]]) -> None:
     model, sampled = rollouts
     ids, mask, _ = right_padded(sampled)
-    controller = routereplay.attach(model)
-    try:
+    with attached(model) as controller:
         with torch.no_grad(), controller.record() as recording:
             model(ids, attention_mask=mask)
         trace = recording.trace
@@ -249,8 +248,6 @@ def test_a_recording_keeps_the_batchs_tokens_for_r2(rollouts: tuple[Any, list[Ro
             controller.replay(trace),
         ):
             model(other, attention_mask=mask)
-    finally:
-        controller.detach()
 
 
 def test_a_second_batch_under_one_micro_batch_key_is_not_taken_for_recompute(
@@ -258,34 +255,27 @@ def test_a_second_batch_under_one_micro_batch_key_is_not_taken_for_recompute(
 ) -> None:
     model, sampled = rollouts
     ids, mask, _ = right_padded(sampled)
-    controller = routereplay.attach(model)
-    try:
-        with torch.no_grad(), controller.record():
-            model(ids, attention_mask=mask)
-            model(ids, attention_mask=mask)  # the same batch again: fine
-            with pytest.raises(
-                ReplayError,
-                match=r"a second forward runs other tokens .* under the same micro-batch key",
-            ):
-                model(ids.flip(0), attention_mask=mask.flip(0))
-    finally:
-        controller.detach()
+    with attached(model) as controller, torch.no_grad(), controller.record():
+        model(ids, attention_mask=mask)
+        model(ids, attention_mask=mask)  # the same batch again: fine
+        with pytest.raises(
+            ReplayError,
+            match=r"a second forward runs other tokens .* under the same micro-batch key",
+        ):
+            model(ids.flip(0), attention_mask=mask.flip(0))
 
 
 def test_generate_under_record_says_how_to_record_generation(
     rollouts: tuple[Any, list[Rollout]],
 ) -> None:
     model, _ = rollouts
-    controller = routereplay.attach(model)
-    try:
-        with (
-            torch.no_grad(),
-            controller.record(),
-            pytest.raises(
-                ReplayError,
-                match=r"model\.generate\(\) runs a forward per new token: record generation with routereplay\.engines\.hf\.RecordingEngine",
-            ),
-        ):
-            model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=3, do_sample=False)
-    finally:
-        controller.detach()
+    with (
+        attached(model) as controller,
+        torch.no_grad(),
+        controller.record(),
+        pytest.raises(
+            ReplayError,
+            match=r"model\.generate\(\) runs a forward per new token: record generation with routereplay\.engines\.hf\.RecordingEngine",
+        ),
+    ):
+        model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=3, do_sample=False)
