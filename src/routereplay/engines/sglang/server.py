@@ -71,9 +71,7 @@ def from_generate(
             prompt_field = prompts[index // samples]
         prompt = token_ids(prompt_field, "prompt_token_ids", here, _PROMPT_IDS)
         completion = token_ids(item.get("output_ids"), "output_ids", here, "save output_ids")
-        sequence_id = meta_info.get("id")
-        if sequence_id is not None and not isinstance(sequence_id, str):
-            raise TraceError(f"{here}: meta_info.id must be a string, found {sequence_id!r}.")
+        sequence_id = meta_info.get("id")  # Rollout checks it is a string
         routes = from_meta_info(
             meta_info,
             layout,

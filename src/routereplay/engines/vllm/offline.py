@@ -99,9 +99,6 @@ def from_saved_completion(
         prompt_start=prompt_start,
         sequence=where,
     )
-    identifier = saved.get("id")
-    if identifier is not None and not isinstance(identifier, str):
-        raise TraceError(f"{where}: id must be a string, found {identifier!r}.")
     return rollout(
         where,
         prompt_ids=prompt,
@@ -109,7 +106,7 @@ def from_saved_completion(
         routes=routes,
         logprobs=payload_logprobs(saved.get("logprobs"), len(completion), where),
         finish_reason=saved.get("finish_reason"),
-        sequence_id=identifier,
+        sequence_id=saved.get("id"),  # Rollout checks it is a string
     )
 
 
