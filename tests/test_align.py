@@ -87,9 +87,9 @@ def test_a_padded_batch_of_traces_unpads_to_the_same_sequences(
 ) -> None:
     traces = sequence_traces(lengths)
     batch = pad_traces(traces, max(lengths) + extra, side=side)
-    assert batch.leading_shape == (len(lengths), max(lengths) + extra)
+    assert batch.token_shape == (len(lengths), max(lengths) + extra)
     plan = pad_plan(lengths, max(lengths) + extra, side=side)
-    padding = plan.source.view(batch.leading_shape) < 0
+    padding = plan.rows.view(batch.token_shape) < 0
     assert bool((batch.experts[padding] == -1).all())
     back = unpad_traces(batch, lengths, side=side)
     assert all(a.equal(b) for a, b in zip(back, traces, strict=True))
@@ -120,7 +120,7 @@ def test_traces_laid_out_by_a_mask_come_back_out_by_it(rows: list[list[bool]]) -
     mask = torch.tensor(rows)
     traces = sequence_traces(mask.sum(1).tolist())
     batch = pad_traces(traces, mask=mask)
-    assert batch.leading_shape == tuple(mask.shape)
+    assert batch.token_shape == tuple(mask.shape)
     assert bool((batch.experts[~mask] == -1).all())
     assert torch.equal(batch.experts[mask], concat_traces(traces)[0].experts)
     back = unpad_traces(batch, mask=mask)
@@ -146,7 +146,7 @@ def test_packing_pads_each_sequence_to_the_multiple_with_padded_cu_seqlens() -> 
 def test_packed_traces_unpack_to_the_same_sequences(lengths: list[int], multiple: int) -> None:
     traces = sequence_traces(lengths)
     packed, plan = pack_traces(traces, multiple)
-    assert packed.leading_shape == (int(padded_lengths(lengths, multiple).sum()),)
+    assert packed.token_shape == (int(padded_lengths(lengths, multiple).sum()),)
     assert torch.equal(packed.experts, routes_of(plan.apply(torch.arange(sum(lengths)))))
     back = unpack_traces(packed, lengths, multiple)
     assert all(a.equal(b) for a, b in zip(back, traces, strict=True))
@@ -390,7 +390,7 @@ def test_plan_thd_equals_chaining_the_single_step_plans(case: ThdCase) -> None:
             for tp_rank, sp in enumerate(sequence_parallel_plans(cp.num_tokens, sp_size)):
                 chained = packed.then(cp).then(sp)
                 fused = plan.pieces[Piece(index, cp_rank, tp_rank)]
-                assert torch.equal(chained.source, fused.source)
+                assert torch.equal(chained.rows, fused.rows)
 
 
 def test_thd_plan_with_cp_2_and_sp_2_matches_a_hand_layout() -> None:

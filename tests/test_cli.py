@@ -104,7 +104,7 @@ def test_inspect_reports_a_trace_file_as_json(
 ) -> None:
     assert main(["inspect", str(trace_file), "--json"]) == EXIT_OK
     report = json.loads(capsys.readouterr().out)
-    assert (report["sequences"], report["tokens"], report["no_route_rows"]) == (2, 6, 1)
+    assert (report["sequences"], report["tokens"], report["no_route_pairs"]) == (2, 6, 1)
     assert (report["num_layers"], report["layers"], report["num_experts"], report["top_k"]) == (
         3,
         [1, 2],
@@ -130,7 +130,7 @@ def test_inspect_prints_a_readable_summary(
     assert "rollouts.rr: 2 sequences, 6 tokens" in out
     assert "3 decoder layers, routed [1, 2], 4 experts, top_k=2" in out
     assert "encoding:  packed, 2 bits per id" in out
-    assert "no route:  1 of 12 (token, layer) rows" in out
+    assert "no route:  1 of 12 (token, layer) pairs" in out
     assert "layer   1: max  50.0%  min   0.0%  imbalance 2.00" in out
     assert "layer   2: max  25.0%  min  25.0%  imbalance 1.00" in out
 

@@ -44,7 +44,7 @@ def test_identical_files_agree(engine_file: Path, capsys: pytest.CaptureFixture[
     args = ["compare", str(engine_file), str(engine_file), "--max-disagreement", "0", "--json"]
     assert main(args) == EXIT_OK
     report = json.loads(capsys.readouterr().out)
-    assert (report["sequences"], report["rows"]) == (2, 32)
+    assert (report["sequences"], report["pairs"]) == (2, 32)
     assert report["router_disagreement"] == 0.0 and not report["failed"]
 
 

@@ -57,7 +57,7 @@ def test_recording_is_shaped_like_the_tokens_with_routed_layers_on_the_layer_axi
     ):
         model(x)
     trace = recording.trace
-    assert trace.leading_shape == (2, 6)
+    assert trace.token_shape == (2, 6)
     assert trace.layers == (2, 3, 4, 5, 6, 7)
     assert (trace.num_experts, trace.top_k) == (16, 4)
     assert torch.equal(trace.layer_experts(2).reshape(-1, 4), model.seen(2)[0])
@@ -224,7 +224,7 @@ def test_a_recording_of_several_micro_batches_needs_trace_for(
                 model(tokens)
     with pytest.raises(TraceError, match=r"holds 2 micro-batches \(\['a', 'b'\]\); use .traces"):
         _ = recording.trace
-    assert recording.trace_for("b").leading_shape == (TOKENS,)
+    assert recording.trace_for("b").token_shape == (TOKENS,)
     with pytest.raises(TraceError, match="Nothing was recorded for micro-batch 'c'"):
         recording.trace_for("c")
 

@@ -45,7 +45,7 @@ def test_every_mode_reports_every_step(result: dict[str, Any]) -> None:
     assert list(result["modes"]) == list(MODES)
     for run in result["modes"].values():
         assert [r["step"] for r in run["steps"]] == list(range(STEPS))
-        assert all(r["routing_rows"] > 0 and r["mismatch"]["tokens"] > 0 for r in run["steps"])
+        assert all(r["routing_pairs"] > 0 and r["mismatch"]["tokens"] > 0 for r in run["steps"])
 
 
 def test_under_r3_the_trainers_experts_are_the_engines_on_every_replayed_row(

@@ -54,7 +54,7 @@ def test_routes_have_a_row_per_token_and_none_for_the_last_sampled_token(family:
         routes = rollout.routes
         assert routes is not None
         assert rollout.prompt_ids.tolist() == prompt
-        assert routes.leading_shape == (len(prompt) + len(rollout.completion_ids),)
+        assert routes.token_shape == (len(prompt) + len(rollout.completion_ids),)
         assert routes.layers == engine.controller.layout.moe_layers
         assert routes.routed_mask()[:-1].all()
         assert (routes.experts[-1] == NO_ROUTE).all()
@@ -144,7 +144,7 @@ def test_stop_tokens_end_each_sequence_on_its_own() -> None:
         hit = (unstopped.completion_ids == stop).nonzero()
         n = int(hit[0]) + 1 if len(hit) else 10
         assert len(rollout.completion_ids) == n
-        assert rollout.routes.leading_shape == (len(rollout.prompt_ids) + n,)
+        assert rollout.routes.token_shape == (len(rollout.prompt_ids) + n,)
         assert rollout.finish_reason == ("stop" if len(hit) else "length")
 
 

@@ -57,7 +57,7 @@ def test_routed_layers_keep_their_global_ids_after_a_dense_prefix() -> None:
 
 def test_the_final_sampled_token_has_no_route() -> None:
     trace = decode_vllm(vllm_rows())
-    assert trace.leading_shape == (PROMPT + COMPLETION,)
+    assert trace.token_shape == (PROMPT + COMPLETION,)
     assert trace.routed_mask().all(-1).tolist() == [True] * ROWS + [False]
     assert (ids(trace)[-1] == NO_ROUTE).all()
 

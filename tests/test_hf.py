@@ -48,7 +48,7 @@ def test_replaying_a_recording_with_unchanged_weights_is_bit_identical(family: s
         native = model(ids).logits
     controller = routereplay.attach(model)
     trace = recorded(controller, model, ids)
-    assert trace.leading_shape == (BATCH, SEQ)
+    assert trace.token_shape == (BATCH, SEQ)
     assert trace.layers == controller.layout.moe_layers
     with torch.no_grad(), controller.replay(trace):
         replayed = model(ids).logits
@@ -183,7 +183,7 @@ def test_left_padded_batch_records_padding_as_minus_one_and_real_tokens_as_alone
     controller = routereplay.attach(model)
     ids, mask, positions, sequences = left_padded_batch()
     trace = recorded(controller, model, ids, attention_mask=mask, position_ids=positions)
-    assert trace.leading_shape == (BATCH, SEQ)
+    assert trace.token_shape == (BATCH, SEQ)
     routed = trace.routed_mask()[..., 0]
     assert torch.equal(routed, mask.bool())
     for row, seq in enumerate(sequences):

@@ -203,7 +203,7 @@ def test_recording_under_fsdp2_matches_a_single_process_recording(
 ) -> None:
     # The routers read unsharded weights: sharding changes no native choice.
     for rank, run in enumerate(runs):
-        assert run.trace.leading_shape == (BATCH, SEQ)
+        assert run.trace.token_shape == (BATCH, SEQ)
         assert run.trace.equal(reference.traces[rank]), f"rank {rank}"
 
 

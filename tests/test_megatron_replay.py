@@ -125,7 +125,7 @@ def record_and_replay(rank: int) -> dict[str, Any]:
         "layers": {mb: t.layers for mb, t in mine.items()},
         "calls": [(c.layer, c.recomputing, c.experts) for c in calls],
         "stats": controller.stats(),
-        "sequence_shapes": [s.leading_shape for s in sequences[0]],
+        "sequence_shapes": [s.token_shape for s in sequences[0]],
         "update_layers": update[0].layers,
     }
 

@@ -22,7 +22,7 @@ A = [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[0, 2], [1, 3]]]  # [tokens 3, layers 
 
 def test_identical_routings_agree_fully() -> None:
     agreement = routing_agreement(trace(A), trace(A))
-    assert (agreement.rows, agreement.skipped) == (6, 0)
+    assert (agreement.pairs, agreement.skipped) == (6, 0)
     assert agreement.router_disagreement == agreement.token_disagreement == 0.0
     assert agreement.overlap_at_k == agreement.jaccard == 1.0
 
@@ -46,7 +46,7 @@ def test_disagreement_overlap_and_jaccard_by_hand() -> None:
 def test_rows_without_a_route_are_excluded_and_counted() -> None:
     b = [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[NO_ROUTE, NO_ROUTE], [5, 6]]]
     agreement = routing_agreement(trace(A), trace(b))
-    assert (agreement.rows, agreement.skipped) == (5, 1)
+    assert (agreement.pairs, agreement.skipped) == (5, 1)
     assert agreement.router_disagreement == pytest.approx(1 / 5)
 
 

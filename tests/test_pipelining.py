@@ -122,7 +122,7 @@ def record_then_replay(rank: int) -> dict[str, Any]:
     return {
         "own_layers": mine,
         "recorded": {mb: t.expert_ids() for mb, t in recorded.items()},
-        "sequences": [t.leading_shape for t in sequence_traces(recorded)],
+        "sequences": [t.token_shape for t in sequence_traces(recorded)],
         "experts": experts.calls,
         "stats": controller.stats(),
     }

@@ -63,9 +63,9 @@ def test_numpy_engine_arrays_are_accepted_read_only_and_uint16() -> None:
 
 def test_leading_axes_may_be_tokens_or_batch_and_sequence() -> None:
     trace = RoutingTrace(random_routes((2, 5), 3, 2, 8), layers=(1, 2, 4), num_experts=8)
-    assert trace.leading_shape == (2, 5) and trace.num_rows == 10 and trace.top_k == 2
+    assert trace.token_shape == (2, 5) and trace.num_rows == 10 and trace.top_k == 2
     flat = trace.reshape_tokens(10)
-    assert flat.leading_shape == (10,)
+    assert flat.token_shape == (10,)
     assert torch.equal(flat.layer_experts(4), trace.layer_experts(4).reshape(10, 2))
 
 
@@ -124,9 +124,9 @@ def batch_of_two() -> RoutingTrace:
 def test_selecting_sequences_keeps_layers_source_and_ids() -> None:
     trace = batch_of_two()
     second = trace.select_tokens(1)
-    assert second.leading_shape == (3,) and second.layers == (5,) and second.source == "vllm"
+    assert second.token_shape == (3,) and second.layers == (5,) and second.source == "vllm"
     assert torch.equal(second.experts, trace.experts[1])
-    assert trace.select_tokens(torch.tensor([True, False])).leading_shape == (1, 3)
+    assert trace.select_tokens(torch.tensor([True, False])).token_shape == (1, 3)
     assert trace.select_tokens((1, 0)).equal(trace.select_tokens(torch.tensor([1, 0])))
     with pytest.raises(TraceError, match=r"Index 0 leaves no token axis .*token axes \[3\]"):
         second.select_tokens(0)
@@ -134,7 +134,7 @@ def test_selecting_sequences_keeps_layers_source_and_ids() -> None:
 
 def test_transposing_token_axes_twice_gives_the_trace_back() -> None:
     trace = batch_of_two()
-    assert trace.transpose_tokens().leading_shape == (3, 2)
+    assert trace.transpose_tokens().token_shape == (3, 2)
     assert trace.transpose_tokens().transpose_tokens().equal(trace)
     with pytest.raises(TraceError, match=r"needs two of them; .* has \[3\]"):
         trace.select_tokens(0).transpose_tokens()

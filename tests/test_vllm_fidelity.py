@@ -149,7 +149,7 @@ def test_every_forwarded_token_has_a_vllm_route_and_the_last_sampled_token_none(
         routes = rollout.routes
         assert routes is not None
         assert routes.layers == fidelity.layout.moe_layers
-        assert routes.leading_shape == (rollout.prompt_len + rollout.completion_len,)
+        assert routes.token_shape == (rollout.prompt_len + rollout.completion_len,)
         assert routes.routed_mask()[:-1].all()
         assert not routes.routed_mask()[-1].any()
         assert rollout.logprobs is not None and rollout.logprobs.shape == (rollout.completion_len,)

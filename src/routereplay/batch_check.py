@@ -20,20 +20,23 @@ def check_batch(trace: RoutingTrace, tokens: Tokens, where: str) -> None:
     axes, no route on a padding position, and, where both know them, the same token
     ids position by position. The token ids catch every shifted, swapped or wrongly
     padded row before a route is used."""
-    if trace.num_rows != int(np.prod(tokens.shape)):
+    if trace.num_rows != int(np.prod(tokens.token_shape)):
         raise ReplayError(
-            f"{where}: the batch has token axes {list(tokens.shape)} "
-            f"({int(np.prod(tokens.shape))} tokens); the trace holds "
-            f"{list(trace.leading_shape)} ({trace.num_rows}). Align the trace to the "
+            f"{where}: the batch has token axes {list(tokens.token_shape)} "
+            f"({int(np.prod(tokens.token_shape))} tokens); the trace holds "
+            f"{list(trace.token_shape)} ({trace.num_rows}). Align the trace to the "
             "trainer's batch (padding, packing, micro-batch split) before replay."
         )
-    if len(trace.leading_shape) == len(tokens.shape) and trace.leading_shape != tokens.shape:
+    if (
+        len(trace.token_shape) == len(tokens.token_shape)
+        and trace.token_shape != tokens.token_shape
+    ):
         raise ReplayError(
-            f"{where}: the batch has token axes {list(tokens.shape)}; the trace "
-            f"{list(trace.leading_shape)}: the same count, laid out otherwise (batch-first "
+            f"{where}: the batch has token axes {list(tokens.token_shape)}; the trace "
+            f"{list(trace.token_shape)}: the same count, laid out otherwise (batch-first "
             "vs sequence-first?). Lay the trace out as the batch is."
         )
-    shape = trace.leading_shape
+    shape = trace.token_shape
     # Where the trace knows its tokens, the ids decide (routed padding of a recording
     # made without a mask is harmless); without them, a routed padding position is the
     # only sign of a trace padded on the other side or shifted.

@@ -256,7 +256,7 @@ class ReplayController:
             order = "sequence-first (rr_megatron.sequence_first)" if sequence_first else "so"
             raise ReplayError(
                 f"{self._where(micro_batch)}: the batch's input ids are {list(token_ids.shape)}; "
-                f"the trace's token axes are {list(trace.leading_shape)}: lay the trace out "
+                f"the trace's token axes are {list(trace.token_shape)}: lay the trace out "
                 f"{order}, as the model sees the batch."
             )
         check_token_ids(expected, token_ids.reshape(expected.shape), self._where(micro_batch))
@@ -439,10 +439,10 @@ class ReplayController:
         tokens = self._tokens
         if tokens is None:
             return kept
-        if int(np.prod(tokens.shape)) != ids.shape[0]:
+        if int(np.prod(tokens.token_shape)) != ids.shape[0]:
             raise ReplayError(
                 f"Layer {key[1]}, micro-batch {key[0]!r}: the router sees {ids.shape[0]} tokens "
-                f"but the token shape published for this forward is {list(tokens.shape)}."
+                f"but the token shape published for this forward is {list(tokens.token_shape)}."
             )
         if self._recording is not None:
             self._recording.note_tokens(key[0], tokens)
@@ -549,7 +549,7 @@ def _check_tokens(
 ) -> None:
     if rows != tokens:
         micro_batch, layer = key
-        shape = f" (token axes {list(trace.leading_shape)})" if trace is not None else ""
+        shape = f" (token axes {list(trace.token_shape)})" if trace is not None else ""
         raise ReplayError(
             f"Layer {layer}, micro-batch {micro_batch!r}: the router sees {tokens} "
             f"tokens but the routes hold {rows} rows{shape}. Align the trace to the "

@@ -21,18 +21,18 @@ from routereplay.trace import NO_ROUTE, RoutingTrace
 
 @dataclass(frozen=True)
 class RoutingAgreement:
-    """Agreement of two traces over the rows both route.
+    """Agreement of two traces over the (token, layer) pairs both route.
 
-    rows:                (token, layer) rows compared.
-    skipped:             rows left out because either trace has no route (-1) there.
-    router_disagreement: fraction of compared rows whose expert sets differ.
-    token_disagreement:  fraction of tokens (with a compared row) differing on any layer.
+    pairs:               (token, layer) pairs compared.
+    skipped:             pairs left out because either trace has no route (-1) there.
+    router_disagreement: fraction of compared pairs whose expert sets differ.
+    token_disagreement:  fraction of tokens (with a compared pair) differing on any layer.
     per_layer:           router disagreement per global layer.
-    overlap_at_k:        mean |A & B| / k over compared rows.
-    jaccard:             mean |A & B| / |A | B| over compared rows (Jaccard).
+    overlap_at_k:        mean |A & B| / k over compared pairs.
+    jaccard:             mean |A & B| / |A | B| over compared pairs (Jaccard).
     """
 
-    rows: int
+    pairs: int
     skipped: int
     router_disagreement: float
     token_disagreement: float
@@ -46,7 +46,7 @@ class RoutingAgreement:
 
 def routing_agreement(a: RoutingTrace, b: RoutingTrace) -> RoutingAgreement:
     """Compare two traces of the same tokens and layers (e.g. engine vs trainer)."""
-    if a.layers != b.layers or a.leading_shape != b.leading_shape or a.top_k != b.top_k:
+    if a.layers != b.layers or a.token_shape != b.token_shape or a.top_k != b.top_k:
         raise TraceError(
             f"Traces to compare must cover the same tokens and layers with the same top_k: "
             f"{a!r} vs {b!r}."
@@ -58,7 +58,7 @@ def routing_agreement(a: RoutingTrace, b: RoutingTrace) -> RoutingAgreement:
     # Ids in a row are distinct, so |A & B| counts pairwise matches.
     overlap = (ids_a[..., :, None] == ids_b[..., None, :]).sum((-1, -2))  # [tokens, layers]
     differs = (overlap < top_k) & both
-    rows = int(both.sum())
+    pairs = int(both.sum())
     tokens = both.any(-1)
     per_layer = {
         layer: float(differs[:, slot].sum() / both[:, slot].sum()) if both[:, slot].any() else 0.0
@@ -66,13 +66,13 @@ def routing_agreement(a: RoutingTrace, b: RoutingTrace) -> RoutingAgreement:
     }
     overlap = overlap.float()[both]
     return RoutingAgreement(
-        rows=rows,
-        skipped=int(both.numel() - rows),
-        router_disagreement=float(differs.sum()) / rows if rows else 0.0,
+        pairs=pairs,
+        skipped=int(both.numel() - pairs),
+        router_disagreement=float(differs.sum()) / pairs if pairs else 0.0,
         token_disagreement=float(differs.any(-1).sum() / tokens.sum()) if tokens.any() else 0.0,
         per_layer=per_layer,
-        overlap_at_k=float((overlap / top_k).mean()) if rows else 1.0,
-        jaccard=float((overlap / (2 * top_k - overlap)).mean()) if rows else 1.0,
+        overlap_at_k=float((overlap / top_k).mean()) if pairs else 1.0,
+        jaccard=float((overlap / (2 * top_k - overlap)).mean()) if pairs else 1.0,
     )
 
 

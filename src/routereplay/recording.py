@@ -18,23 +18,23 @@ MicroBatch = Hashable
 class Tokens:
     """What an adapter knows of the tokens now running: their axes and which are padding.
 
-    shape:   the token axes, e.g. `(batch, seq)`; a recorded trace takes this shape.
-    padding: bool `[*shape]`, True for padding tokens, recorded as -1 (no route).
-    ids:     the token ids `[*shape]` (the model's `input_ids`), when the adapter sees
+    token_shape: the token axes, e.g. `(batch, seq)`; a recorded trace takes them.
+    padding: bool `[*token_shape]`, True for padding tokens, recorded as -1 (no route).
+    ids:     the token ids `[*token_shape]` (the model's `input_ids`), when the adapter sees
              them: replay checks them against the trace's, recording keeps them.
     """
 
-    shape: tuple[int, ...]
+    token_shape: tuple[int, ...]
     padding: torch.Tensor | None = None
     ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for name in ("padding", "ids"):
             value = getattr(self, name)
-            if value is not None and tuple(value.shape) != self.shape:
+            if value is not None and tuple(value.shape) != self.token_shape:
                 raise ReplayError(
                     f"The {'padding mask' if name == 'padding' else 'token ids'} have shape "
-                    f"{tuple(value.shape)}, the token axes {self.shape}."
+                    f"{tuple(value.shape)}, the token axes {self.token_shape}."
                 )
 
     def known_ids(self) -> torch.Tensor | None:
@@ -100,7 +100,7 @@ class Recording:
         tokens = self._tokens.get(micro_batch)
         if tokens is None:
             return RoutingTrace(experts, tuple(layers), self._num_experts, self._source)
-        experts = experts.reshape(*tokens.shape, *experts.shape[1:])
+        experts = experts.reshape(*tokens.token_shape, *experts.shape[1:])
         if tokens.padding is not None:  # padding has no route
             experts = experts.masked_fill(tokens.padding.to("cpu")[..., None, None], NO_ROUTE)
         return RoutingTrace(

@@ -59,9 +59,9 @@ class Rollout:
             )
         total = len(self.prompt_ids) + len(self.completion_ids)
         if self.routes is not None:
-            if self.routes.leading_shape != (total,):
+            if self.routes.token_shape != (total,):
                 raise TraceError(
-                    f"{where}: routes cover tokens {list(self.routes.leading_shape)}, the "
+                    f"{where}: routes cover tokens {list(self.routes.token_shape)}, the "
                     f"rollout {len(self.prompt_ids)} prompt + {len(self.completion_ids)} "
                     f"completion = {total} tokens: one row per token."
                 )

@@ -75,7 +75,7 @@ class RoutingTrace:
         _check_range(experts, layers, self.num_experts)
         object.__setattr__(self, "experts", experts.to(storage_dtype(self.num_experts)))
         object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "tokens", _as_token_ids(self.tokens, self.leading_shape))
+        object.__setattr__(self, "tokens", _as_token_ids(self.tokens, self.token_shape))
         self.validate()
         self._checked()
 
@@ -86,14 +86,14 @@ class RoutingTrace:
         return int(self.experts.shape[-1])
 
     @property
-    def leading_shape(self) -> tuple[int, ...]:
+    def token_shape(self) -> tuple[int, ...]:
         """The token axes: `(tokens,)` or `(batch, seq)`."""
         return tuple(self.experts.shape[:-2])
 
     @property
     def num_rows(self) -> int:
         """Tokens covered: the product of the leading axes."""
-        return int(np.prod(self.leading_shape))
+        return int(np.prod(self.token_shape))
 
     def expert_ids(self) -> torch.Tensor:
         """`[..., layers, top_k]` as int64, ready for indexing."""
@@ -199,7 +199,7 @@ class RoutingTrace:
         if experts.ndim < 3:
             raise TraceError(
                 f"Index {index!r} leaves no token axis of this {self.source} trace (token "
-                f"axes {list(self.leading_shape)}): an int picks one sequence of a batch."
+                f"axes {list(self.token_shape)}): an int picks one sequence of a batch."
             )
         tokens = None if self.tokens is None else self.tokens[index]
         return self.derive(experts, self.layers, tokens)
@@ -207,10 +207,10 @@ class RoutingTrace:
     def transpose_tokens(self) -> RoutingTrace:
         """`[a, b, layers, top_k]` -> `[b, a, layers, top_k]` (contiguous): batch-first to
         sequence-first and back."""
-        if len(self.leading_shape) != 2:
+        if len(self.token_shape) != 2:
             raise TraceError(
                 f"Transposing token axes needs two of them; this {self.source} trace has "
-                f"{list(self.leading_shape)}."
+                f"{list(self.token_shape)}."
             )
         tokens = None if self.tokens is None else self.tokens.transpose(0, 1).contiguous()
         return self.derive(self.experts.transpose(0, 1).contiguous(), self.layers, tokens)
@@ -218,9 +218,9 @@ class RoutingTrace:
     def without_tokens(self, mask: torch.Tensor) -> RoutingTrace:
         """The trace with the token positions `mask` (bool `[*token axes]`) set to -1 (no
         route): prompt tokens left out of a comparison, or padding."""
-        if mask.dtype != torch.bool or tuple(mask.shape) != self.leading_shape:
+        if mask.dtype != torch.bool or tuple(mask.shape) != self.token_shape:
             raise TraceError(
-                f"The mask must be bool {list(self.leading_shape)} like the token axes; "
+                f"The mask must be bool {list(self.token_shape)} like the token axes; "
                 f"found {mask.dtype} {list(mask.shape)}."
             )
         experts = self.experts.masked_fill(mask[..., None, None].to(self.experts.device), NO_ROUTE)
@@ -272,7 +272,7 @@ class RoutingTrace:
         """Engine-style `[..., num_layers, top_k]`: dense layers as zeros, -1 rows kept."""
         self.check_layout(layout)
         full = torch.zeros(
-            (*self.leading_shape, layout.num_layers, self.top_k), dtype=self.experts.dtype
+            (*self.token_shape, layout.num_layers, self.top_k), dtype=self.experts.dtype
         )
         full[..., list(self.layers), :] = self.experts
         return full
@@ -289,13 +289,13 @@ class RoutingTrace:
 
     def __repr__(self) -> str:
         return (
-            f"RoutingTrace(tokens={list(self.leading_shape)}, layers={_short(self.layers)}, "
+            f"RoutingTrace(tokens={list(self.token_shape)}, layers={_short(self.layers)}, "
             f"top_k={self.top_k}, num_experts={self.num_experts}, source={self.source!r})"
         )
 
     def with_tokens(self, tokens: torch.Tensor | np.ndarray[Any, Any] | None) -> RoutingTrace:
         """The same routes, recorded for `tokens [*token axes]` (-1 where unknown)."""
-        checked = _as_token_ids(tokens, self.leading_shape)
+        checked = _as_token_ids(tokens, self.token_shape)
         return self.derive(self.experts, self.layers, checked)
 
     def derive(

@@ -148,7 +148,7 @@ def plan_thd(
         padded_from=lengths,
     )
     begin = starts(lengths)
-    num_source = int(lengths.sum())
+    source_rows = int(lengths.sum())
     pieces: dict[Piece, TokenPlan] = {}
     for index, group in enumerate(micro_batches.groups):
         # Straight from batch tokens to rank tokens: the same positions as chaining
@@ -156,8 +156,8 @@ def plan_thd(
         # test holds them equal), without the intermediate plans.
         real, length, base = lengths[group], padded[group], begin[group]
         for cp_rank in range(cp_size):
-            rank = rank_plan(real, length, base, cp_rank, cp_size, zigzag, num_source)
-            source = rank.source
+            rank = rank_plan(real, length, base, cp_rank, cp_size, zigzag, source_rows)
+            source = rank.rows
             if sp_size == 1:
                 pieces[Piece(index, cp_rank, 0)] = rank
                 continue
@@ -170,5 +170,7 @@ def plan_thd(
                 )
             for tp_rank, part in enumerate(source.reshape(sp_size, share).unbind(0)):
                 rows = torch.tensor([share])
-                pieces[Piece(index, cp_rank, tp_rank)] = TokenPlan(part, rows, num_source, (share,))
+                pieces[Piece(index, cp_rank, tp_rank)] = TokenPlan(
+                    part, rows, source_rows, (share,)
+                )
     return ThdPlan(micro_batches, lengths, multiple, pieces)

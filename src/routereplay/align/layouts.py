@@ -30,7 +30,7 @@ def pad_plan(
 
     lengths: `[batch]` tokens per sequence. seq_len: row length, default the longest.
     side:    "right" puts padding after each sequence, "left" before it (generation
-             style). Padding positions read -1 (`plan.source`), so traces get -1 rows.
+             style). Padding positions read -1 (`plan.rows`), so traces get -1 rows.
     """
     lengths = as_lengths(lengths)
     longest = int(lengths.max()) if lengths.numel() else 0
@@ -161,9 +161,10 @@ def check_cp_chunks(
 
 
 def _chunk_plans(lengths: torch.Tensor, ranks: int, zigzag: bool) -> list[TokenPlan]:
-    begin, num_source = starts(lengths), int(lengths.sum())
+    begin, source_rows = starts(lengths), int(lengths.sum())
     return [
-        rank_plan(lengths, lengths, begin, rank, ranks, zigzag, num_source) for rank in range(ranks)
+        rank_plan(lengths, lengths, begin, rank, ranks, zigzag, source_rows)
+        for rank in range(ranks)
     ]
 
 
@@ -174,7 +175,7 @@ def rank_plan(
     rank: int,
     ranks: int,
     zigzag: bool,
-    num_source: int,
+    source_rows: int,
 ) -> TokenPlan:
     """One rank's share of sequences split along their tokens over `ranks` ranks.
 
@@ -196,4 +197,4 @@ def rank_plan(
     # Per sequence and chunk: a run of source tokens, then a run of padding.
     runs_begin = torch.stack([begin[:, None] + at, torch.full_like(at, PAD)], dim=2)
     runs_count = torch.stack([valid, width - valid], dim=2)
-    return TokenPlan.from_runs(runs_begin.flatten(), runs_count.flatten(), local, num_source)
+    return TokenPlan.from_runs(runs_begin.flatten(), runs_count.flatten(), local, source_rows)

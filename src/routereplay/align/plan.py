@@ -2,7 +2,7 @@
 
 Every alignment (padding, packing, micro-batches, CP and SP splits) is a map from a
 *source* token axis (sequences laid end to end) to an *output* token axis. A plan holds
-that map as `source [tokens]`: for each output position, the index of the source token
+that map as `rows [tokens]`: for each output position, the index of the source token
 it holds, or -1 where the output is padding. Applying a plan is one row gather, so token
 ids `[tokens]`, labels and trace experts `[tokens, layers, top_k]` put through the same
 plan stay side by side. Plans compose (`then`), and a set of plans that covers every
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -33,36 +33,40 @@ T = TypeVar("T")
 class TokenPlan:
     """The output token axis of one layout piece and where each of its tokens comes from.
 
-    source:     int64 `[tokens]`: index on the source token axis of the token at each
-                output position, -1 where the output is padding.
-    lengths:    int64 `[sequences]`: the output axis is these sequences (or batch rows,
-                or sequence pieces) laid end to end; they sum to `tokens`.
-    num_source: how many tokens the source axis holds.
-    shape:      the output token axes, `(tokens,)` or `(batch, seq)`; `apply` returns them.
+    rows:        int64 `[tokens]`: the row (token) of the source axis each output
+                 position takes, -1 where the output is padding.
+    lengths:     int64 `[sequences]`: the output axis is these sequences (or batch rows,
+                 or sequence pieces) laid end to end; they sum to `tokens`.
+    source_rows: how many rows (tokens) the source axis holds.
+    token_shape: the output token axes, `(tokens,)` or `(batch, seq)`; `apply` returns
+                 them.
+    padding:     int64 `[padding positions]`: the output positions that are padding
+                 (where `rows` is -1), when the builder knows them; found otherwise.
     """
 
-    source: torch.Tensor
+    rows: torch.Tensor
     lengths: torch.Tensor
-    num_source: int
-    shape: tuple[int, ...]
+    source_rows: int
+    token_shape: tuple[int, ...]
+    padding: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.source.dtype != torch.int64 or self.source.ndim != 1:
+        if self.rows.dtype != torch.int64 or self.rows.ndim != 1:
             raise TraceError(
-                f"A plan's source is int64 [tokens], found {self.source.dtype} "
-                f"{tuple(self.source.shape)}."
+                f"A plan's rows are int64 [tokens], found {self.rows.dtype} "
+                f"{tuple(self.rows.shape)}."
             )
-        tokens = self.source.numel()
-        if int(np.prod(self.shape)) != tokens or int(self.lengths.sum()) != tokens:
+        tokens = self.rows.numel()
+        if int(np.prod(self.token_shape)) != tokens or int(self.lengths.sum()) != tokens:
             raise TraceError(
-                f"A plan of {tokens} tokens has shape {self.shape} and lengths summing to "
+                f"A plan of {tokens} tokens has shape {self.token_shape} and lengths summing to "
                 f"{int(self.lengths.sum())}: all three must agree."
             )
         if tokens:
-            low, high = (int(v) for v in torch.aminmax(self.source))
-            if low < PAD or high >= self.num_source:
+            low, high = (int(v) for v in torch.aminmax(self.rows))
+            if low < PAD or high >= self.source_rows:
                 raise TraceError(
-                    f"A plan's source indices must lie in [-1, {self.num_source}), found "
+                    f"A plan's source indices must lie in [-1, {self.source_rows}), found "
                     f"[{low}, {high}]."
                 )
 
@@ -72,7 +76,7 @@ class TokenPlan:
         begin: torch.Tensor,
         counts: torch.Tensor,
         lengths: torch.Tensor,
-        num_source: int,
+        source_rows: int,
     ) -> TokenPlan:
         """The plan whose output is runs laid end to end: run i holds `counts[i]`
         consecutive source tokens from `begin[i]`, or `counts[i]` padding positions where
@@ -85,13 +89,12 @@ class TokenPlan:
         padding = begin < 0
         positions = ragged_arange(placed[padding], counts[padding])
         source.index_fill_(0, positions, PAD)
-        plan = cls(source, lengths, num_source, (tokens,))
-        plan.__dict__["_padding"] = positions  # known here; saves a pass at apply time
-        return plan
+        # The padding positions are known here: saves a pass over `rows` at apply time.
+        return cls(source, lengths, source_rows, (tokens,), padding=positions)
 
     @property
     def num_tokens(self) -> int:
-        return self.source.numel()
+        return self.rows.numel()
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
@@ -102,60 +105,63 @@ class TokenPlan:
     @functools.cached_property
     def valid_lengths(self) -> torch.Tensor:
         """int64 `[sequences]`: real (non-padding) tokens in each output sequence."""
-        valid = torch.cat([torch.zeros(1, dtype=torch.int64), (self.source >= 0).cumsum(0)])
+        valid = torch.cat([torch.zeros(1, dtype=torch.int64), (self.rows >= 0).cumsum(0)])
         ends = self.lengths.cumsum(0)
         return valid[ends] - valid[ends - self.lengths]
 
     @functools.cached_property
     def _gather_index(self) -> torch.Tensor:
-        return self.source.clamp(min=0)
+        return self.rows.clamp(min=0)
 
     @functools.cached_property
-    def _padding(self) -> torch.Tensor:
-        return (self.source < 0).nonzero().flatten()
+    def padding_positions(self) -> torch.Tensor:
+        """int64 `[padding positions]`: the output positions that are padding."""
+        if self.padding is not None:
+            return self.padding
+        return (self.rows < 0).nonzero().flatten()
 
     @functools.cached_property
     def _scatter_index(self) -> torch.Tensor:
         # Padding rows go to one spare row past the end, dropped after the scatter.
-        return torch.where(self.source >= 0, self.source, self.num_source)
+        return torch.where(self.rows >= 0, self.rows, self.source_rows)
 
     def apply(self, values: torch.Tensor, pad: int | float | bool = PAD) -> torch.Tensor:
-        """`values [num_source, *rest]` -> `[*shape, *rest]`, padding positions set to `pad`.
+        """`values [source_rows, *rest]` -> `[*token_shape, *rest]`, padding positions set to `pad`.
 
         Works for any per-token tensor: token ids `[tokens]`, position ids, trace experts
         `[tokens, layers, top_k]` (or a narrowed view of them). Rows are moved as whole
         machine words, whatever the dtype.
         """
-        if values.ndim < 1 or values.shape[0] != self.num_source:
+        if values.ndim < 1 or values.shape[0] != self.source_rows:
             raise TraceError(
-                f"This plan reads a source axis of {self.num_source} tokens; the values have "
+                f"This plan reads a source axis of {self.source_rows} tokens; the values have "
                 f"shape {tuple(values.shape)} (tokens first)."
             )
         rest = tuple(values.shape[1:])
-        if self.num_source == 0:  # nothing to read: every output position is padding
-            return values.new_full((*self.shape, *rest), pad)
+        if self.source_rows == 0:  # nothing to read: every output position is padding
+            return values.new_full((*self.token_shape, *rest), pad)
         index = self._gather_index.to(values.device)
         words = _as_words(values, _word_dtype(values))
         out = words.index_select(0, index).view(values.dtype).view(self.num_tokens, *rest)
-        if self._padding.numel():
-            out.index_fill_(0, self._padding.to(values.device), pad)
-        return out.reshape(*self.shape, *rest)
+        if self.padding_positions.numel():
+            out.index_fill_(0, self.padding_positions.to(values.device), pad)
+        return out.reshape(*self.token_shape, *rest)
 
     def apply_trace(self, trace: RoutingTrace, layers: Iterable[int] | None = None) -> RoutingTrace:
-        """`trace [*source token axes, layers, top_k]` (tokens `num_source` in all) ->
+        """`trace [*source token axes, layers, top_k]` (tokens `source_rows` in all) ->
         `[*shape, layers, top_k]`, padding rows -1 (no route).
 
         layers: keep only these global layers (say, the routed layers of one pipeline
                 rank's stages, `MoELayout.rank_moe_layers`); only their ids are moved,
                 one row gather per run of adjacent layers on the trace's layer axis.
         """
-        if trace.num_rows != self.num_source:
+        if trace.num_rows != self.source_rows:
             raise TraceError(
-                f"This plan reads a source axis of {self.num_source} tokens; the "
+                f"This plan reads a source axis of {self.source_rows} tokens; the "
                 f"{trace.source} trace has {trace.num_rows} "
-                f"(token axes {list(trace.leading_shape)})."
+                f"(token axes {list(trace.token_shape)})."
             )
-        rows = trace.experts.reshape(self.num_source, *trace.experts.shape[-2:])
+        rows = trace.experts.reshape(self.source_rows, *trace.experts.shape[-2:])
         tokens = token_rows(trace)
         tokens = None if tokens is None else self.apply(tokens, PAD)  # padding: unknown
         if layers is None:
@@ -166,14 +172,14 @@ class TokenPlan:
 
     def then(self, inner: TokenPlan) -> TokenPlan:
         """The plan that applies `self`, then `inner` (whose source axis is `self`'s output)."""
-        if inner.num_source != self.num_tokens:
+        if inner.source_rows != self.num_tokens:
             raise TraceError(
                 f"Cannot chain plans: the first writes {self.num_tokens} tokens, the second "
-                f"reads {inner.num_source}."
+                f"reads {inner.source_rows}."
             )
-        picked = self.source[inner._gather_index]
-        source = torch.where(inner.source >= 0, picked, PAD)
-        return TokenPlan(source, inner.lengths, self.num_source, inner.shape)
+        picked = self.rows[inner._gather_index]
+        source = torch.where(inner.rows >= 0, picked, PAD)
+        return TokenPlan(source, inner.lengths, self.source_rows, inner.token_shape)
 
 
 def restore(
@@ -182,26 +188,26 @@ def restore(
 ) -> torch.Tensor:
     """Undo a set of plans: per-piece tensors back on the source token axis.
 
-    pieces: `[*plan.shape, *rest]` (or `[plan.num_tokens, *rest]`) for each plan, matched
+    pieces: `[*plan.token_shape, *rest]` (or `[plan.num_tokens, *rest]`) for each plan, matched
             by key (mappings) or position (sequences).
     plans:  plans over one source axis that together hold every source token exactly
             once (padding is dropped).
-    Returns `[num_source, *rest]`.
+    Returns `[source_rows, *rest]`.
     """
     named = _match(pieces, plans)
     if not named:
         raise TraceError("Nothing to restore: no pieces were given.")
-    num_source = named[0][2].num_source
+    source_rows = named[0][2].source_rows
     check_partition({name: plan for name, _, plan in named})
     flat: list[tuple[str, torch.Tensor, TokenPlan]] = []
     for name, piece, plan in named:
-        lead = piece.shape[: len(plan.shape)]
-        if tuple(lead) == plan.shape:
-            piece = piece.reshape(plan.num_tokens, *piece.shape[len(plan.shape) :])
+        lead = piece.shape[: len(plan.token_shape)]
+        if tuple(lead) == plan.token_shape:
+            piece = piece.reshape(plan.num_tokens, *piece.shape[len(plan.token_shape) :])
         elif piece.ndim < 1 or piece.shape[0] != plan.num_tokens:
             raise TraceError(
                 f"{name} has shape {tuple(piece.shape)}; its plan writes {plan.num_tokens} "
-                f"tokens as {plan.shape}."
+                f"tokens as {plan.token_shape}."
             )
         flat.append((name, piece, plan))
     rest = tuple(flat[0][1].shape[1:])
@@ -212,37 +218,37 @@ def restore(
                 f"{name} holds {piece.dtype} rows of shape {tuple(piece.shape[1:])}; "
                 f"{flat[0][0]} holds {dtype} rows of shape {rest}: pieces must agree."
             )
-    out = torch.empty((num_source + 1, *rest), dtype=dtype, device=flat[0][1].device)
+    out = torch.empty((source_rows + 1, *rest), dtype=dtype, device=flat[0][1].device)
     word = _word_dtype(out)
     out_words = _as_words(out, word)
     for _, piece, plan in flat:
         index = plan._scatter_index.to(out.device)
         out_words.index_copy_(0, index, _as_words(piece.to(out.device), word))
-    return out[:num_source]
+    return out[:source_rows]
 
 
 def check_partition(plans: Mapping[Any, TokenPlan]) -> None:
     """Raise unless the plans read one source axis and hold each source token exactly once."""
     names = list(plans)
-    num_source = plans[names[0]].num_source
+    source_rows = plans[names[0]].source_rows
     for name in names:
-        if plans[name].num_source != num_source:
+        if plans[name].source_rows != source_rows:
             raise TraceError(
-                f"{_name(name)} reads {plans[name].num_source} source tokens, "
-                f"{_name(names[0])} reads {num_source}: the plans are not one layout."
+                f"{_name(name)} reads {plans[name].source_rows} source tokens, "
+                f"{_name(names[0])} reads {source_rows}: the plans are not one layout."
             )
-    sources = torch.cat([plan.source[plan.source >= 0] for plan in plans.values()])
-    counts = torch.bincount(sources, minlength=num_source)
+    sources = torch.cat([plan.rows[plan.rows >= 0] for plan in plans.values()])
+    counts = torch.bincount(sources, minlength=source_rows)
     missing = (counts == 0).nonzero()
     if missing.numel():
         raise TraceError(
-            f"Source token {int(missing[0])} (of {num_source}) is held by no piece: a piece "
+            f"Source token {int(missing[0])} (of {source_rows}) is held by no piece: a piece "
             f"is missing or the plans are not one layout ({len(names)} pieces given)."
         )
     twice = (counts > 1).nonzero()
     if twice.numel():
         token = int(twice[0])
-        holders = [_name(n) for n in names if bool((plans[n].source == token).any())]
+        holders = [_name(n) for n in names if bool((plans[n].rows == token).any())]
         raise TraceError(
             f"Source token {token} is held by {int(counts[token])} pieces "
             f"({', '.join(holders[:3])}): a piece was given twice or the plans overlap."
@@ -253,8 +259,8 @@ def restore_trace(
     pieces: Mapping[Any, RoutingTrace] | Sequence[RoutingTrace],
     plans: Mapping[Any, TokenPlan] | Sequence[TokenPlan],
 ) -> RoutingTrace:
-    """`restore` for traces: per-piece traces `[*plan.shape, layers, top_k]` back to one
-    trace `[num_source, layers, top_k]`. Every piece must cover the same layers."""
+    """`restore` for traces: per-piece traces `[*plan.token_shape, layers, top_k]` back to one
+    trace `[source_rows, layers, top_k]`. Every piece must cover the same layers."""
     named = _match(pieces, plans)
     if not named:
         raise TraceError("Nothing to restore: no pieces were given.")

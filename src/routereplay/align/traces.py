@@ -40,9 +40,9 @@ def concat_traces(
         raise TraceError("No traces were given: a batch needs at least one sequence.")
     first = traces[0]
     for index, trace in enumerate(traces):
-        if len(trace.leading_shape) != 1:
+        if len(trace.token_shape) != 1:
             raise TraceError(
-                f"Sequence {index}'s trace has token axes {list(trace.leading_shape)}; a "
+                f"Sequence {index}'s trace has token axes {list(trace.token_shape)}; a "
                 "per-sequence trace is [tokens, layers, top_k]."
             )
         if (trace.layers, trace.top_k, trace.num_experts) != (
@@ -87,7 +87,7 @@ def split_traces(trace: RoutingTrace, lengths: Lengths) -> list[RoutingTrace]:
     if int(lengths.sum()) != trace.num_rows:
         raise TraceError(
             f"The lengths sum to {int(lengths.sum())} tokens; the {trace.source} trace has "
-            f"{trace.num_rows} (token axes {list(trace.leading_shape)})."
+            f"{trace.num_rows} (token axes {list(trace.token_shape)})."
         )
     rows = trace.experts.reshape(trace.num_rows, *trace.experts.shape[-2:])
     parts = torch.split(rows, lengths.tolist())
@@ -138,17 +138,17 @@ def unpad_traces(
     no route. A recording whose routers also routed the padding (megatron-core, or
     transformers without an attention mask) has routes there: say so with
     `routed_padding=True`; its token ids, where known, are still checked."""
-    if len(batch.leading_shape) != 2:
+    if len(batch.token_shape) != 2:
         raise TraceError(
             f"A padded batch trace is [batch, seq, layers, top_k]; this one has token axes "
-            f"{list(batch.leading_shape)}."
+            f"{list(batch.token_shape)}."
         )
     if mask is not None and lengths is None:
         plan = mask_plan(mask)
-        if plan.shape != batch.leading_shape:
+        if plan.token_shape != batch.token_shape:
             raise TraceError(
-                f"The mask is {list(plan.shape)}; the batch's token axes are "
-                f"{list(batch.leading_shape)}: give the mask of this batch."
+                f"The mask is {list(plan.token_shape)}; the batch's token axes are "
+                f"{list(batch.token_shape)}: give the mask of this batch."
             )
     elif lengths is not None and mask is None:
         plan = _unpadding_plan(batch, lengths, side)
@@ -161,7 +161,7 @@ def _unpadding_plan(
     batch: RoutingTrace, lengths: Lengths, side: Literal["right", "left"]
 ) -> TokenPlan:
     lengths = as_lengths(lengths)
-    rows, seq_len = batch.leading_shape
+    rows, seq_len = batch.token_shape
     if lengths.numel() != rows:
         raise TraceError(f"The batch has {rows} rows; {lengths.numel()} lengths were given.")
     _check_fits(lengths, seq_len)
@@ -198,7 +198,7 @@ def unpack_traces(
 def _restore_rows(
     trace: RoutingTrace, plan: TokenPlan, routed_padding: bool, how: str
 ) -> RoutingTrace:
-    """`trace [*plan.shape, layers, top_k]` back on the plan's source axis, padding
+    """`trace [*plan.token_shape, layers, top_k]` back on the plan's source axis, padding
     rows dropped."""
     rows = trace.experts.reshape(plan.num_tokens, *trace.experts.shape[-2:])
     tokens = token_rows(trace)
@@ -213,7 +213,7 @@ def _check_dropped(
     """The rows a plan drops as padding must hold no known token id and (`rows` given)
     no route: otherwise the lengths, the padding side or the multiple are not the
     batch's, and real routes would be dropped or shifted."""
-    dropped = plan.source < 0  # [num_tokens]
+    dropped = plan.rows < 0  # [num_tokens]
     routed = None if rows is None else (rows[..., 0] != NO_ROUTE).any(-1) & dropped
     known = None if tokens is None else (tokens >= 0) & dropped
     fix = (
@@ -224,7 +224,7 @@ def _check_dropped(
     for bad, what in ((known, "a token id"), (routed, "routes")):
         if bad is not None and bool(bad.any()):
             flat = int(bad.nonzero()[0])
-            where = [int(i) for i in torch.unravel_index(torch.tensor(flat), plan.shape)]
+            where = [int(i) for i in torch.unravel_index(torch.tensor(flat), plan.token_shape)]
             position = (
                 f"row {where[0]}, position {where[1]}" if len(where) == 2 else f"position {flat}"
             )
@@ -279,15 +279,15 @@ def stack_stages(stages: Sequence[RoutingTrace], layout: MoELayout | None = None
     first = stages[0]
     owner: dict[int, int] = {}
     for index, stage in enumerate(stages):
-        if (stage.leading_shape, stage.top_k, stage.num_experts) != (
-            first.leading_shape,
+        if (stage.token_shape, stage.top_k, stage.num_experts) != (
+            first.token_shape,
             first.top_k,
             first.num_experts,
         ):
             raise TraceError(
-                f"Stage slice {index} has token axes {list(stage.leading_shape)}, top_k="
+                f"Stage slice {index} has token axes {list(stage.token_shape)}, top_k="
                 f"{stage.top_k}, {stage.num_experts} experts; slice 0 has "
-                f"{list(first.leading_shape)}, top_k={first.top_k}, {first.num_experts}: "
+                f"{list(first.token_shape)}, top_k={first.top_k}, {first.num_experts}: "
                 "stack slices of one piece of one batch."
             )
         for layer in stage.layers:

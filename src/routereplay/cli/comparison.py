@@ -21,7 +21,7 @@ def add(commands: Commands) -> None:
         help="how often two trace files of the same tokens route differently",
         description=(
             "Compare two trace files sequence by sequence (e.g. the rollout engine's routes "
-            "and the trainer's recorded ones): the share of (token, layer) rows whose expert "
+            "and the trainer's recorded ones): the share of (token, layer) pairs whose expert "
             "sets differ, the share of tokens differing on any layer, per-layer "
             "disagreement, mean overlap@k and Jaccard. Rows without a route (-1) in either "
             "file are left out and counted. Exits 1 when the router-level disagreement "
@@ -34,7 +34,7 @@ def add(commands: Commands) -> None:
         "--max-disagreement",
         type=float,
         default=None,
-        help="fail (exit 1) above this share of differing (token, layer) rows, e.g. 0.01",
+        help="fail (exit 1) above this share of differing (token, layer) pairs, e.g. 0.01",
     )
     command.add_argument("--json", action="store_true", help="print JSON for machines")
     command.set_defaults(run=run)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             pairs = []
             for index in progress(range(len(a)), len(a), "sequences"):
                 first, second = a.trace(index), b.trace(index)
-                if first.leading_shape != second.leading_shape:
+                if first.token_shape != second.token_shape:
                     raise TraceError(
                         f"Sequence {index} has {first.num_rows} tokens in {args.a} and "
                         f"{second.num_rows} in {args.b}: not the same tokens."
@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{args.a} vs {args.b}: {len(pairs)} sequences, {agreement.rows} (token, layer) rows")
+        print(
+            f"{args.a} vs {args.b}: {len(pairs)} sequences, {agreement.pairs} (token, layer) pairs"
+        )
         print(f"  router disagreement: {agreement.router_disagreement:.4%}")
         print(f"  token disagreement:  {agreement.token_disagreement:.4%}")
         print(f"  overlap@k {agreement.overlap_at_k:.4f}, Jaccard {agreement.jaccard:.4f}")

@@ -20,7 +20,7 @@ def add(commands: Commands) -> None:
         description=(
             "Read a trace file written by routereplay.store.TraceWriter and print what it "
             "holds: sequences, tokens, the routed layers, experts and top_k it was recorded "
-            "for, source, encoding, bytes per token, (token, layer) rows without a route, "
+            "for, source, encoding, bytes per token, (token, layer) pairs without a route, "
             "and per routed layer the share of routes of the most and least loaded expert "
             "and the load imbalance (max / mean). Every sequence is read, so every "
             "checksum is verified: a damaged file exits with 2."
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     )
     stored = [name for name in ("tokens", "prompt_lens", "sequence_ids") if report[f"has_{name}"]]
     print(f"  stored:    {', '.join(n.replace('_', ' ') for n in stored) or 'routes only'}")
-    print(f"  no route:  {report['no_route_rows']} of {report['rows']} (token, layer) rows")
+    print(f"  no route:  {report['no_route_pairs']} of {report['pairs']} (token, layer) pairs")
     print("  expert load per routed layer (share of routes; imbalance = max / mean):")
     load = report["load"]
     for layer, most, least, imbalance in zip(
@@ -118,8 +118,8 @@ def _inspect(path: Path, sequences: bool = False) -> dict[str, Any]:
             "has_sequence_ids": traces.has_sequence_ids,
             "file_bytes": file_bytes,
             "bytes_per_token": file_bytes / tokens if tokens else None,
-            "rows": tokens * layers,
-            "no_route_rows": no_route,
+            "pairs": tokens * layers,
+            "no_route_pairs": no_route,
         }
         if sequences:
             report["sequence_list"] = [_sequence(traces, i) for i in range(len(traces))]

@@ -6,7 +6,7 @@ few digits), then trained by a minimal GRPO loop three ways from the same weight
 prompts and seeds: the rollout engine samples in bf16 and records its routes, the
 trainer learns in fp32, and its routers run
 
-    none   natively: a few percent of (token, layer) rows pick other experts than the
+    none   natively: a few percent of (token, layer) pairs pick other experts than the
            engine did, and the log-probs the importance ratio compares drift apart;
     R2     recording in the log-prob pass and replaying in the update passes;
     R3     replaying the engine's routes in every pass: the trainer runs the experts

@@ -378,7 +378,7 @@ def step_report(
         # Engine routes vs the ids the trainer's experts received in the log-prob pass,
         # over every (token, routed layer) row both route (prompt and completion).
         "routing_disagreement": agreement.router_disagreement,
-        "routing_rows": agreement.rows,
+        "routing_pairs": agreement.pairs,
         "token_routing_disagreement": agreement.token_disagreement,
         "completion_routing_disagreement": completion_agreement.router_disagreement,
         "routing_per_layer": {str(k): v for k, v in agreement.per_layer.items()},

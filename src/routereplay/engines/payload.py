@@ -213,7 +213,7 @@ class Conversation:
     def _check_turn(self, turn: RoutingTrace, where: str) -> None:
         layout = self.layout
         if (
-            len(turn.leading_shape) != 1
+            len(turn.token_shape) != 1
             or turn.layers != layout.moe_layers
             or turn.num_experts != layout.num_experts
             or turn.top_k != layout.top_k

@@ -280,9 +280,9 @@ def _stage_moe_layers(
 
 
 def _swap_token_axes(trace: RoutingTrace) -> RoutingTrace:
-    if len(trace.leading_shape) != 2:
+    if len(trace.token_shape) != 2:
         raise LayoutError(
             f"Swapping batch and sequence needs a trace with two token axes, found "
-            f"{list(trace.leading_shape)}; packed (THD) traces have one and need none."
+            f"{list(trace.token_shape)}; packed (THD) traces have one and need none."
         )
     return trace.transpose_tokens()

@@ -295,12 +295,12 @@ def build_stages(
 def split_routes(trace: RoutingTrace, num_micro_batches: int) -> dict[int, RoutingTrace]:
     """`[batch, seq, layers, top_k]` -> micro-batch k -> its rows, split along dim 0 as
     the schedules split their inputs (`torch.tensor_split`)."""
-    if trace.leading_shape[0] % num_micro_batches:
+    if trace.token_shape[0] % num_micro_batches:
         raise ReplayError(
-            f"A batch of {trace.leading_shape[0]} sequences does not split into "
+            f"A batch of {trace.token_shape[0]} sequences does not split into "
             f"{num_micro_batches} equal micro-batches."
         )
-    size = trace.leading_shape[0] // num_micro_batches
+    size = trace.token_shape[0] // num_micro_batches
     return {
         k: trace.select_tokens(slice(k * size, (k + 1) * size)) for k in range(num_micro_batches)
     }
@@ -372,7 +372,7 @@ def check_stage_routes(
         if trace is not None and stage.routed_layers and trace.num_rows != tokens:
             raise ReplayError(
                 f"{stage.where}, layer {stage.routed_layers[0]}, micro-batch {mb}: the "
-                f"routes hold {trace.num_rows} rows (token axes {list(trace.leading_shape)}) "
+                f"routes hold {trace.num_rows} rows (token axes {list(trace.token_shape)}) "
                 f"but the micro-batch is {list(stage.micro_batch_shape)} tokens."
             )
 
@@ -399,5 +399,5 @@ def sequence_traces(traces: Mapping[int, RoutingTrace]) -> list[RoutingTrace]:
     return [
         trace.select_tokens(row)
         for _, trace in sorted(traces.items())
-        for row in range(trace.leading_shape[0])
+        for row in range(trace.token_shape[0])
     ]

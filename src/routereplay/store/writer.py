@@ -288,9 +288,9 @@ class TraceWriter:
                 f"{where} {' and '.join(problems)}; a trace file stores every routed layer "
                 f"{_short(self.layout.moe_layers)} of each sequence."
             )
-        if len(trace.leading_shape) != 1:
+        if len(trace.token_shape) != 1:
             raise TraceError(
-                f"{where} has token axes {list(trace.leading_shape)}; append one sequence "
+                f"{where} has token axes {list(trace.token_shape)}; append one sequence "
                 "at a time, shaped [tokens, layers, top_k] (for a batch: "
                 "RoutingTrace(trace.expert_ids()[b], trace.layers, trace.num_experts) per row b)."
             )
