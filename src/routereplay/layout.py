@@ -10,31 +10,13 @@ and are kept apart from `moe_layers` so that decoder routes never reach them.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from routereplay.checks import exact_int, exact_ints
 from routereplay.errors import LayoutError
 from routereplay.errors import short_ids as _short
-
-# Keys that only an MoE config carries: an unknown model type with one of these
-# set is an MoE family we do not know, not a dense model.
-_ROUTER_KEYS = (
-    "num_experts",
-    "n_routed_experts",
-    "num_local_experts",
-    "num_experts_per_tok",
-    "moe_intermediate_size",
-    "num_moe_experts",
-)
-_EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
-_MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers")
-
-_DEEPSEEK_STYLE = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe")
-_QWEN_STYLE = ("qwen2_moe", "qwen3_moe", "qwen3_next")
-_ALL_LAYERS_ROUTE = ("mixtral", "olmoe", "gpt_oss")
-SUPPORTED_HF_FAMILIES = _DEEPSEEK_STYLE + _QWEN_STYLE + _ALL_LAYERS_ROUTE
 
 
 @dataclass(frozen=True)
@@ -108,53 +90,12 @@ class MoELayout:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> MoELayout:
-        """Layout of a transformers config object or a config.json dict.
+        """Layout of a transformers config object or a config.json dict, by the rules of
+        its family (`routereplay.families`). Multimodal configs are read through their
+        `text_config`."""
+        from routereplay.families import hf_layout
 
-        Multimodal configs are read through their `text_config`.
-        """
-        cfg = _ConfigView(config)
-        text = cfg.get("text_config")
-        if text is not None:
-            cfg = _ConfigView(text)
-        model_type = str(cfg.get("model_type") or "")
-        if model_type not in SUPPORTED_HF_FAMILIES:
-            found = [k for k in _ROUTER_KEYS if cfg.get(k)]
-            what = (
-                f"an MoE config (it sets {', '.join(found)}) of an unsupported family"
-                if found
-                else "not an MoE config we know"
-            )
-            raise LayoutError(
-                f"model_type {model_type!r} is {what}. Supported: "
-                f"{', '.join(SUPPORTED_HF_FAMILIES)}. For anything else build the layout "
-                "directly: MoELayout(num_layers=..., moe_layers=..., num_experts=..., top_k=...)."
-            )
-        num_layers = int(cfg.require("num_hidden_layers", model_type))
-        top_k = int(cfg.require("num_experts_per_tok", model_type))
-        mtp = int(next((cfg.get(k) for k in _MTP_KEYS if cfg.get(k)), 0) or 0)
-        # Each family's own key first; transformers 5 renames some (Qwen3-MoE stores
-        # num_local_experts where its config.json says num_experts).
-        num_experts = int(cfg.require_any(_EXPERT_KEYS, model_type))
-        if model_type in _DEEPSEEK_STYLE:
-            first_dense = int(cfg.get("first_k_dense_replace") or 0)
-            freq = int(cfg.get("moe_layer_freq") or 1)
-            pattern = [int(i >= first_dense and i % freq == 0) for i in range(num_layers)]
-        elif model_type in _QWEN_STYLE:
-            dense = set(cfg.get("mlp_only_layers") or ())
-            step = int(cfg.get("decoder_sparse_step") or 1)
-            outside = sorted(i for i in dense if not 0 <= i < num_layers)
-            if outside:
-                raise LayoutError(
-                    f"{model_type}: mlp_only_layers {outside} lie outside the "
-                    f"{num_layers} decoder layers; ids are 0-based."
-                )
-            pattern = [
-                int(i not in dense and num_experts > 0 and (i + 1) % step == 0)
-                for i in range(num_layers)
-            ]
-        else:
-            pattern = [1] * num_layers
-        return cls.from_dense_pattern(pattern, num_experts, top_k, mtp, family=model_type)
+        return hf_layout(config)
 
     @classmethod
     def from_megatron_config(cls, config: Any) -> MoELayout:
@@ -387,25 +328,3 @@ def _check_increasing(ids: tuple[int, ...], lo: int, hi: int, name: str) -> None
             raise LayoutError(f"{name} must be strictly increasing, found {a} before {b}.")
     if ids and not (lo <= ids[0] and ids[-1] < hi):
         raise LayoutError(f"{name} must lie in [{lo}, {hi}), found {_short(ids)}.")
-
-
-class _ConfigView:
-    """Reads a transformers config object (with its attribute aliases) or a plain dict."""
-
-    def __init__(self, config: Any) -> None:
-        self._config = config
-
-    def get(self, key: str) -> Any:
-        if isinstance(self._config, Mapping):
-            return self._config.get(key)
-        return getattr(self._config, key, None)
-
-    def require(self, key: str, model_type: str) -> Any:
-        return self.require_any((key,), model_type)
-
-    def require_any(self, keys: tuple[str, ...], model_type: str) -> Any:
-        for key in keys:
-            value = self.get(key)
-            if value is not None:
-                return value
-        raise LayoutError(f"{model_type} config has no {' or '.join(keys)}; cannot build a layout.")

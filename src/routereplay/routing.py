@@ -73,49 +73,11 @@ class RouterSpec:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> RouterSpec:
-        """The spec of the router a transformers model of this config builds."""
-        from routereplay.layout import MoELayout, _ConfigView
+        """The spec of the router a transformers model of this config builds, by the
+        rules of its family (`routereplay.families`)."""
+        from routereplay.families import hf_router_spec
 
-        layout = MoELayout.from_hf_config(config)  # validates the family and the fields
-        cfg = _ConfigView(config)
-        text = cfg.get("text_config")
-        if text is not None:
-            cfg = _ConfigView(text)
-        family, top_k = layout.family, layout.top_k
-        norm = bool(cfg.get("norm_topk_prob"))
-        if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe"):
-            return cls(top_k, "softmax", renormalize=norm, weights_in_logits_dtype=True)
-        if family == "mixtral":
-            return cls(top_k, "softmax", renormalize=True)
-        if family == "gpt_oss":
-            return cls(top_k, "softmax_topk", upcast=False, weights_in_logits_dtype=True)
-        scaling = float(cfg.get("routed_scaling_factor") or 1.0)
-        n_group = int(cfg.get("n_group") or 1)
-        topk_group = int(cfg.get("topk_group") or 1)
-        if family == "deepseek_v2":
-            grouped = cfg.get("topk_method") == "group_limited_greedy"
-            return cls(
-                top_k,
-                "softmax",
-                scaling_factor=scaling,
-                n_group=n_group if grouped else 1,
-                topk_group=topk_group if grouped else 1,
-                group_score_top=1,
-                masked_score=0.0,
-                sorted_ids=False,
-            )
-        # DeepSeek-V3 family and GLM4-MoE: sigmoid scores, bias for selection only.
-        return cls(
-            top_k,
-            "sigmoid",
-            renormalize=norm,
-            renorm_eps=1e-20,
-            scaling_factor=scaling,
-            n_group=n_group,
-            topk_group=topk_group,
-            group_score_top=2,
-            sorted_ids=False,
-        )
+        return hf_router_spec(config)
 
 
 class Routing(NamedTuple):
@@ -207,3 +169,28 @@ def _mask_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
     keep = keep.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
     return choice.masked_fill(~keep, spec.masked_score)
+
+
+def load_balancing_loss(
+    logits: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch-style load-balancing loss of the routing that ran: `E * sum_e f_e * P_e`.
+
+    `logits [rows, experts]` and `ids [rows, top_k]` are the router logits and the ids
+    used, rows being (layer, token) pairs of any number of layers stacked; `weight
+    [rows]` (0 for padding) weighs each row. `f_e` counts the ids the routers *used*
+    (replayed or native), not a fresh top-k of the logits, so under replay the loss
+    balances the routing that actually ran; the gradient flows through the live
+    softmax probabilities `P_e`, as in transformers' `load_balancing_loss_func`.
+    """
+    num_experts = logits.shape[-1]
+    probs = F.softmax(logits, dim=-1)
+    expert_mask = F.one_hot(ids, num_experts).float()  # [rows, top_k, experts]
+    if weight is None:
+        tokens_per_expert = expert_mask.mean(dim=0)
+        prob_per_expert = probs.mean(dim=0)
+    else:
+        weight = weight.to(probs.device, probs.dtype)
+        tokens_per_expert = (expert_mask * weight[:, None, None]).sum(0) / weight.sum()
+        prob_per_expert = (probs * weight[:, None]).sum(0) / weight.sum()
+    return (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum() * num_experts

@@ -24,7 +24,7 @@ from torch import nn
 
 from routereplay.controller import ReplayController
 from routereplay.errors import ReplayError
-from routereplay.integrations.hf import attach
+from routereplay.families.routers import attach
 from routereplay.recording import Recording
 from routereplay.rollout import Rollout
 from routereplay.trace import NO_ROUTE, RoutingTrace
