@@ -74,7 +74,7 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=args.new, temperature=1.0, seed=0)
 
     def run(case: str) -> float:
-        attached = bool(engine.controller._detachers)
+        attached = engine.controller.attached
         if case == "native" and attached:
             engine.controller.detach()
         elif case != "native" and not attached:

@@ -63,8 +63,10 @@ def test_detach_restores_the_model_exactly(family: str) -> None:
     with torch.no_grad():
         before = model(ids).logits
     controller = routereplay.attach(model)
+    assert controller.attached
     recorded(controller, model, token_ids(seed=5))
     controller.detach()
+    assert not controller.attached
     with torch.no_grad():
         after = model(ids).logits
     assert torch.equal(before, after)

@@ -1,6 +1,6 @@
 """routereplay: record the experts an MoE model chose, replay them in the trainer."""
 
-from routereplay.controller import LayerStats, Mode, ReplayController
+from routereplay.controller import Mode, ReplayController
 from routereplay.errors import (
     LayoutError,
     ReplayError,
@@ -13,6 +13,7 @@ from routereplay.layout import MoELayout
 from routereplay.recording import Recording, Tokens
 from routereplay.rollout import Rollout
 from routereplay.routing import RouterScores, RouterSpec, Routing, gate_weights, native_ids, select
+from routereplay.stats import LayerStats
 from routereplay.store import TraceFile, TraceWriter
 from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
 

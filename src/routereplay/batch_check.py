@@ -2,7 +2,8 @@
 for the batch the model sees (token axes, padding) and recorded for its tokens.
 
 Called by the controller once per forward (`ReplayController.set_tokens`) and by
-adapters before a pipeline schedule (`ReplayController.check_tokens_of`).
+adapters before a pipeline schedule (`ReplayController.check_tokens_of`); and that a
+second forward under one micro-batch key runs the same tokens as the first.
 """
 
 from __future__ import annotations
@@ -80,3 +81,57 @@ def _position(mask: torch.Tensor) -> str:
     if len(index) == 2:
         return f"sequence {index[0]}, position {index[1]}"
     return f"position {', '.join(map(str, index))}"
+
+
+def check_trace_tokens(
+    trace: RoutingTrace, token_ids: torch.Tensor, where: str, sequence_first: bool = False
+) -> bool:
+    """Raise unless `trace` was recorded for `token_ids [batch, seq]`; False when the
+    two cannot be compared (the trace knows no ids, or holds another token count: a
+    sequence-parallel piece), True when they were.
+
+    `sequence_first`: the trace is `[seq, batch]`, as Megatron's routers see tokens.
+    """
+    if trace.tokens is None or token_ids.numel() != trace.num_rows:
+        return False
+    expected = trace.tokens
+    if sequence_first and expected.ndim == 2:
+        expected = expected.t()  # compare, and name positions, batch-first
+    if expected.ndim > 1 and tuple(expected.shape) != tuple(token_ids.shape):
+        order = "sequence-first (rr_megatron.sequence_first)" if sequence_first else "so"
+        raise ReplayError(
+            f"{where}: the batch's input ids are {list(token_ids.shape)}; the trace's token "
+            f"axes are {list(trace.token_shape)}: lay the trace out {order}, as the model "
+            "sees the batch."
+        )
+    check_token_ids(expected, token_ids.reshape(expected.shape), where)
+    return True
+
+
+def check_same_tokens(first: Tokens, tokens: Tokens, where: str, mode: str) -> None:
+    """A second forward under one micro-batch key in one `mode` context must run the
+    token ids of the `first` (recompute does; a new batch needs its own key)."""
+    assert first.ids is not None and tokens.ids is not None
+    before, now = first.ids.reshape(-1).to(tokens.ids.device), tokens.ids.reshape(-1)
+    if before.numel() != now.numel():
+        found = f"{now.numel()} tokens, the first forward's {before.numel()}"
+    elif not torch.equal(before, now):
+        position = int((before != now).nonzero()[0])
+        found = (
+            f"token {int(now[position])} at flat position {position}, where the first "
+            f"forward had {int(before[position])}"
+        )
+    else:
+        return
+    generation = (
+        " model.generate() runs a forward per new token: record generation with "
+        "routereplay.engines.hf.RecordingEngine."
+        if mode == "record"
+        else ""
+    )
+    raise ReplayError(
+        f"{where}: a second forward runs other tokens ({found}) under the same micro-batch "
+        f"key in one {mode} context: its routers would get the first batch's ids as if "
+        "recomputing. Run each batch under its own controller.micro_batch(key), or one "
+        f"context per batch.{generation}"
+    )

@@ -19,19 +19,22 @@ import enum
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from routereplay.batch_check import check_batch, check_token_ids
+from routereplay.attachment import Attachment
+from routereplay.batch_check import check_batch, check_same_tokens, check_trace_tokens
+from routereplay.context_routes import ContextRoutes
 from routereplay.errors import ReplayError, TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
 from routereplay.recording import MicroBatch, Recording, Tokens
 from routereplay.routing import RouterScores, RouterSpec, Routing
-from routereplay.trace import NO_ROUTE, RoutingTrace, storage_dtype
+from routereplay.stats import LayerStats, RouteCounts
+from routereplay.trace import RoutingTrace
+
+__all__ = ["DEFAULT_MICRO_BATCH", "LayerStats", "Mode", "ReplayController"]
 
 DEFAULT_MICRO_BATCH: MicroBatch = 0
 
@@ -40,27 +43,6 @@ class Mode(enum.Enum):
     OFF = "off"
     RECORD = "record"
     REPLAY = "replay"
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """Rows one layer routed during the last `record()` or `replay()` context.
-
-    replayed:   rows whose ids came from the trace.
-    native:     rows routed by the live router (-1 rows, or every row when recording).
-    disagreed:  replayed rows where the live router would have chosen a different set
-                of experts: the counterfactual disagreement, the health signal of replay.
-    recomputed: rows seen again for a (micro-batch, layer) already routed (recompute).
-    """
-
-    replayed: int = 0
-    native: int = 0
-    disagreed: int = 0
-    recomputed: int = 0
-
-    @property
-    def disagreement_rate(self) -> float:
-        return self.disagreed / self.replayed if self.replayed else 0.0
 
 
 class ReplayController:
@@ -82,24 +64,16 @@ class ReplayController:
         self._mode = Mode.OFF
         self._micro_batch: MicroBatch = DEFAULT_MICRO_BATCH
         self._tokens: Tokens | None = None
-        self._routes: dict[MicroBatch, RoutingTrace] = {}
-        self._recording: Recording | None = None
-        # Ids already decided in this context, for recompute: every key when recording,
-        # only keys with natively routed rows when replaying (the rest is in the trace).
-        self._decided: dict[tuple[MicroBatch, int], torch.Tensor] = {}
-        self._visited: set[tuple[MicroBatch, int]] = set()
-        self._counts: dict[int, list[int | torch.Tensor]] = {}
+        # The counts, routes and decisions of the context now open (empty when off).
+        self._counts = RouteCounts()
+        self._context_routes = ContextRoutes(layout.num_experts, self._counts)
         self._routed_layers = frozenset(layout.moe_layers) | frozenset(layout.mtp_layers)
         # The ids each layer used last, for losses computed after the forward (aux loss).
         self._last_ids: dict[int, torch.Tensor] = {}
-        self._detachers: list[Callable[[], None]] = []
-        # Routers adapters ever attached (kept after detach: replaying then is an error).
-        self._routers: set[int] = set()
+        self._attachment = Attachment()
         self._serial = 0
         # Traces whose token ids were checked against their batch's already.
         self._verified: weakref.WeakSet[RoutingTrace] = weakref.WeakSet()
-        # The tokens of each micro-batch's first forward in this context.
-        self._forwards: dict[MicroBatch, Tokens] = {}
 
     # -- modes --------------------------------------------------------------------------
 
@@ -114,8 +88,7 @@ class ReplayController:
         Yields a `Recording`; read `.trace` (or `.traces`) after the forward.
         """
         recording = Recording(self.layout.num_experts, self.source)
-        with self._context(Mode.RECORD):
-            self._recording = recording
+        with self._context(Mode.RECORD, recording=recording):
             yield recording
 
     @contextmanager
@@ -136,10 +109,9 @@ class ReplayController:
         if strict is not None:
             self.strict = strict
         try:
-            with self._context(Mode.REPLAY):
-                self._routes = by_batch
+            with self._context(Mode.REPLAY, routes=by_batch) as context_routes:
                 yield
-                if self.strict and self._routers and not self._visited:
+                if self.strict and self._attachment.routers and not context_routes.any_routed:
                     raise ReplayError(
                         f"{self.label + ': ' if self.label else ''}no router asked this "
                         "controller for ids during replay(): nothing was replayed. The "
@@ -215,7 +187,7 @@ class ReplayController:
             self._check_same_batch(tokens)
         # With only a shape to go on, the routers' own checks name the layer as well.
         if self._mode is Mode.REPLAY and (padding is not None or token_ids is not None):
-            trace = self._routes.get(self._micro_batch)
+            trace = self._context_routes.routes.get(self._micro_batch)
             if trace is not None:
                 check_batch(trace, tokens, self._where())
         self._tokens = tokens
@@ -247,20 +219,8 @@ class ReplayController:
     ) -> None:
         """Raise unless `trace` was recorded for `token_ids [batch, seq]` (see
         `check_tokens`); errors name `micro_batch`."""
-        if trace.tokens is None or token_ids.numel() != trace.num_rows:
-            return
-        expected = trace.tokens
-        if sequence_first and expected.ndim == 2:
-            expected = expected.t()  # compare, and name positions, batch-first
-        if expected.ndim > 1 and tuple(expected.shape) != tuple(token_ids.shape):
-            order = "sequence-first (rr_megatron.sequence_first)" if sequence_first else "so"
-            raise ReplayError(
-                f"{self._where(micro_batch)}: the batch's input ids are {list(token_ids.shape)}; "
-                f"the trace's token axes are {list(trace.token_shape)}: lay the trace out "
-                f"{order}, as the model sees the batch."
-            )
-        check_token_ids(expected, token_ids.reshape(expected.shape), self._where(micro_batch))
-        self._verified.add(trace)
+        if check_trace_tokens(trace, token_ids, self._where(micro_batch), sequence_first):
+            self._verified.add(trace)
 
     def check_tokens(self, token_ids: torch.Tensor, *, sequence_first: bool = False) -> None:
         """In replay, check the running micro-batch's trace against the model's input
@@ -271,7 +231,7 @@ class ReplayController:
         A trace of another token count is this rank's sequence-parallel piece of the
         ids, which the ids cannot be compared with: it is left to the routers' checks.
         """
-        trace = self._routes.get(self._micro_batch) if self._mode is Mode.REPLAY else None
+        trace = self._context_routes.routes.get(self._micro_batch)
         # Checked before the schedule (rr_megatron.check_routes): no host copy per forward.
         if trace is not None and trace not in self._verified:
             self.check_tokens_of(trace, token_ids, self._micro_batch, sequence_first=sequence_first)
@@ -279,23 +239,27 @@ class ReplayController:
     def add_router(self, layer: int) -> None:
         """An adapter attached a router of global `layer` to this controller: a strict
         replay in which none of them asks for ids is then an error."""
-        self._routers.add(layer)
+        self._attachment.add_router(layer)
 
     def limit_routers(self, layers: Iterable[int]) -> None:
         """Of the routers attached, only global `layers` run in this process (one
         pipeline rank's stages of a model attached whole)."""
-        self._routers &= set(layers)
+        self._attachment.limit_routers(layers)
 
     def on_detach(self, undo: Callable[[], None]) -> None:
         """Register what `detach()` must undo (an adapter's hooks and patches)."""
-        self._detachers.append(undo)
+        self._attachment.on_undo(undo)
+
+    @property
+    def attached(self) -> bool:
+        """Whether an adapter's patches or hooks are in place (until `detach()`)."""
+        return self._attachment.changed
 
     def detach(self) -> None:
         """Undo every adapter change to the model, last first; the model is as before."""
         if self._mode is not Mode.OFF:
             raise ReplayError(f"Cannot detach inside a {self._mode.value} context.")
-        while self._detachers:
-            self._detachers.pop()()
+        self._attachment.undo()
 
     def last_ids(self, layer: int) -> torch.Tensor:
         """`[tokens, top_k]` ids global `layer` used in its latest router call."""
@@ -343,46 +307,14 @@ class ReplayController:
                 "The adapter's layer numbering is off (Megatron's is 1-based)."
             )
         key = (self._micro_batch, layer)
-        if key in self._visited:
-            return self._choose_again(key, native, num_experts)
-        self._visited.add(key)
-        if self._mode is Mode.RECORD:
-            self._decided[key] = self._recorded(native, key)
-            self._count(layer, native=native.shape[0])
-            return native
-        return self._replay(key, native, num_experts)
+        return self._context_routes.choose(key, native, num_experts, self._tokens)
 
     def _check_same_batch(self, tokens: Tokens) -> None:
         """A second forward under one micro-batch key must run the same token ids (only
         publications that carry ids take part: the adapter's, once per forward)."""
-        assert tokens.ids is not None
-        first = self._forwards.setdefault(self._micro_batch, tokens)
-        if first is tokens:
-            return
-        assert first.ids is not None
-        if first.ids.numel() != tokens.ids.numel():
-            found = f"{tokens.ids.numel()} tokens, the first forward's {first.ids.numel()}"
-        elif not torch.equal(first.ids.reshape(-1).to(tokens.ids.device), tokens.ids.reshape(-1)):
-            differ = first.ids.reshape(-1).to(tokens.ids.device) != tokens.ids.reshape(-1)
-            position = int(differ.nonzero()[0])
-            found = (
-                f"token {int(tokens.ids.reshape(-1)[position])} at flat position {position}, "
-                f"where the first forward had {int(first.ids.reshape(-1)[position])}"
-            )
-        else:
-            return
-        generation = (
-            " model.generate() runs a forward per new token: record generation with "
-            "routereplay.engines.hf.RecordingEngine."
-            if self._mode is Mode.RECORD
-            else ""
-        )
-        raise ReplayError(
-            f"{self._where()}: a second forward runs other tokens ({found}) under the same "
-            f"micro-batch key in one {self._mode.value} context: its routers would get the "
-            "first batch's ids as if recomputing. Run each batch under its own "
-            f"controller.micro_batch(key), or one context per batch.{generation}"
-        )
+        first = self._context_routes.first_forward(self._micro_batch, tokens)
+        if first is not tokens:
+            check_same_tokens(first, tokens, self._where(), self._mode.value)
 
     def _where(self, micro_batch: MicroBatch | None = None) -> str:
         key = self._micro_batch if micro_batch is None else micro_batch
@@ -393,22 +325,21 @@ class ReplayController:
 
     def stats(self) -> dict[int, LayerStats]:
         """Per global layer, what the last record/replay context did."""
-        return {
-            layer: LayerStats(*(int(v) for v in counts))
-            for layer, counts in sorted(self._counts.items())
-        }
+        return self._counts.per_layer()
 
     def totals(self) -> LayerStats:
         """`stats()` summed over layers."""
-        per_layer = list(self.stats().values())
-        return LayerStats(
-            *(sum(getattr(s, f) for s in per_layer) for f in LayerStats.__annotations__)
-        )
+        return self._counts.total()
 
     # -- internals ----------------------------------------------------------------------
 
     @contextmanager
-    def _context(self, mode: Mode) -> Iterator[None]:
+    def _context(
+        self,
+        mode: Mode,
+        routes: dict[MicroBatch, RoutingTrace] | None = None,
+        recording: Recording | None = None,
+    ) -> Iterator[ContextRoutes]:
         if self._mode is not Mode.OFF:
             raise ReplayError(
                 f"Cannot enter {mode.value} mode: this controller is already in "
@@ -416,145 +347,25 @@ class ReplayController:
             )
         self._mode = mode
         self._serial += 1
-        self._counts = {}
+        self._counts = RouteCounts()
+        context_routes = ContextRoutes(
+            self.layout.num_experts,
+            self._counts,
+            routes=routes,
+            recording=recording,
+            strict=self.strict,
+        )
+        self._context_routes = context_routes
         entry_micro_batch = (self._micro_batch, self._tokens)
         try:
-            yield
-            if self._recording is not None:
-                self._recording.keep(self._decided)
+            yield context_routes
+            context_routes.close()
         finally:
-            # Whatever happened inside, leave nothing behind for the next step.
+            # Whatever happened inside, leave nothing behind for the next step; the
+            # counts stay readable until the next context.
             self._mode = Mode.OFF
-            self._routes = {}
-            self._recording = None
-            self._decided = {}
-            self._visited = set()
-            self._forwards = {}
+            self._context_routes = ContextRoutes(self.layout.num_experts, self._counts)
             self._micro_batch, self._tokens = entry_micro_batch
-
-    def _recorded(self, ids: torch.Tensor, key: tuple[MicroBatch, int]) -> torch.Tensor:
-        """Compact copy of `ids [tokens, top_k]` to keep; the recording marks padding
-        rows -1 when it is read (a recompute must get the native ids, padding too)."""
-        kept = ids.detach().to(storage_dtype(self.layout.num_experts))
-        tokens = self._tokens
-        if tokens is None:
-            return kept
-        if int(np.prod(tokens.token_shape)) != ids.shape[0]:
-            raise ReplayError(
-                f"Layer {key[1]}, micro-batch {key[0]!r}: the router sees {ids.shape[0]} tokens "
-                f"but the token shape published for this forward is {list(tokens.token_shape)}."
-            )
-        if self._recording is not None:
-            self._recording.note_tokens(key[0], tokens)
-        return kept
-
-    def _replay(
-        self, key: tuple[MicroBatch, int], native: torch.Tensor, num_experts: int
-    ) -> torch.Tensor:
-        micro_batch, layer = key
-        found = self._target(micro_batch, layer, native, num_experts)
-        if found is None:  # not strict and nothing to replay: native, and counted.
-            self._decided[key] = native.to(storage_dtype(self.layout.num_experts))
-            self._count(layer, native=native.shape[0])
-            return native
-        target, has_native_rows = found
-        replayed = target[:, 0] != NO_ROUTE  # [tokens]
-        ids = torch.where(replayed[:, None], target, native)
-        if has_native_rows:
-            # Native rows must not drift on recompute: keep what they chose now.
-            self._decided[key] = ids.to(storage_dtype(self.layout.num_experts))
-        # Ids in a row are distinct: the sets differ iff some id is not a native choice.
-        chosen = torch.zeros(
-            (native.shape[0], num_experts), dtype=torch.bool, device=native.device
-        ).scatter_(1, native, True)
-        differs = ~chosen.gather(1, ids).all(-1)
-        self._count(
-            layer,
-            replayed=replayed.sum(),
-            native=(~replayed).sum(),
-            disagreed=differs.sum(),  # native rows agree with themselves by construction
-        )
-        return ids
-
-    def _choose_again(
-        self, key: tuple[MicroBatch, int], native: torch.Tensor, num_experts: int
-    ) -> torch.Tensor:
-        """Recompute of a key already routed in this context: the same ids as before."""
-        decided = self._decided.get(key)
-        if decided is None:  # replay with every row replayed: the trace is the record
-            found = self._target(key[0], key[1], native, num_experts)
-            assert found is not None  # a missing target was decided natively and kept
-            ids = found[0]
-        else:
-            ids = decided.to(native.device).long()
-        _check_tokens(ids.shape[0], native.shape[0], key)
-        self._count(key[1], recomputed=native.shape[0])
-        return ids
-
-    def _target(
-        self, micro_batch: MicroBatch, layer: int, native: torch.Tensor, num_experts: int
-    ) -> tuple[torch.Tensor, bool] | None:
-        """`[tokens, top_k]` int64 ids for (micro_batch, layer) on the router's device and
-        whether any row is -1 (routed natively), or None (non-strict, absent)."""
-        trace = self._routes.get(micro_batch)
-        if trace is None or layer not in trace.layers:
-            if not self.strict:
-                return None
-            if trace is None:
-                raise ReplayError(
-                    f"Layer {layer}, micro-batch {micro_batch!r}: no routes were given for "
-                    f"this micro-batch (routes given for {list(self._routes)}). Pass a "
-                    "mapping micro-batch -> trace to replay(), and run each micro-batch "
-                    "under controller.micro_batch(key)."
-                )
-            raise ReplayError(
-                f"Layer {layer}, micro-batch {micro_batch!r}: the trace has no routes for "
-                f"this layer (it covers {_short(trace.layers)}). A trace must cover every "
-                "routed layer the model runs; use replay(..., strict=False) to route "
-                "missing layers natively on purpose."
-            )
-        experts = trace.layer_experts(layer).reshape(-1, trace.top_k)
-        _check_tokens(experts.shape[0], native.shape[0], (micro_batch, layer), trace)
-        if num_experts != trace.num_experts or native.shape[-1] != trace.top_k:
-            raise ReplayError(
-                f"Layer {layer}, micro-batch {micro_batch!r}: the router has "
-                f"{num_experts} experts and top_k={native.shape[-1]}; the trace has "
-                f"{trace.num_experts} experts and top_k={trace.top_k}."
-            )
-        # Asked of the trace where it lives (the host, usually), not of the device copy:
-        # a device-to-host read per router call would stall the GPU's queue.
-        has_native_rows = bool((experts[:, 0] == NO_ROUTE).any())
-        return experts.to(native.device, non_blocking=True).long(), has_native_rows
-
-    def _count(
-        self,
-        layer: int,
-        replayed: int | torch.Tensor = 0,
-        native: int | torch.Tensor = 0,
-        disagreed: int | torch.Tensor = 0,
-        recomputed: int | torch.Tensor = 0,
-    ) -> None:
-        # Tensor counts stay on the router's device (no host sync inside the forward);
-        # plain ints stay ints, so recording costs no tensor op per layer.
-        counts = self._counts.setdefault(layer, [0, 0, 0, 0])
-        for slot, value in enumerate((replayed, native, disagreed, recomputed)):
-            counts[slot] = counts[slot] + value
-
-
-def _check_tokens(
-    rows: int,
-    tokens: int,
-    key: tuple[MicroBatch, int],
-    trace: RoutingTrace | None = None,
-) -> None:
-    if rows != tokens:
-        micro_batch, layer = key
-        shape = f" (token axes {list(trace.token_shape)})" if trace is not None else ""
-        raise ReplayError(
-            f"Layer {layer}, micro-batch {micro_batch!r}: the router sees {tokens} "
-            f"tokens but the routes hold {rows} rows{shape}. Align the trace to the "
-            "trainer's batch (padding, packing, micro-batch split) before replay."
-        )
 
 
 def _check_replayable(trace: RoutingTrace, layout: MoELayout, micro_batch: MicroBatch) -> None:
