@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from routereplay import MoELayout, RoutingTrace
+from routereplay import MoELayout, PipelineSplit, RoutingTrace
 from routereplay.align import (
     ThdPlan,
     balanced_micro_batches,
@@ -132,7 +132,8 @@ def run(args: argparse.Namespace, name: str, sequences: int, shortest: int, long
     traces = [trace.select_layers(trace.layers) for trace in split_traces(batch, lengths)]
     multiple = 2 * args.cp * args.tp
     groups = balanced_micro_batches(padded_lengths(lengths, multiple), args.max_tokens)
-    stages = [layout.stage_moe_layers(pp_size=args.pp, pp_rank=rank) for rank in range(args.pp)]
+    split = PipelineSplit(pp_size=args.pp)
+    stages = [layout.stage_moe_layers(split, rank) for rank in range(args.pp)]
     slots = [(layers[0], layers[-1] + 1) for layers in stages]
     group_lists = [group.tolist() for group in groups.groups]
 
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace, name: str, sequences: int, shortest: int, long
             rank = piece.cp_rank * args.tp + piece.tp_rank
             for stage in range(args.pp):
                 out[piece.micro_batch, rank, stage] = stage_slice(
-                    on_rank, layout, args.pp, stage
+                    on_rank, layout, split, stage
                 ).experts
         return out
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from routereplay import LayoutError, MoELayout, RoutingTrace, TraceError
+from routereplay import LayoutError, MoELayout, PipelineSplit, RoutingTrace, TraceError
 from routereplay.align import (
     MicroBatches,
     Piece,
@@ -39,6 +39,7 @@ from routereplay.align import (
 # The conftest's hybrid layout: layers 0-1 dense, 2-7 routed, 16 experts, top-4. With
 # PP=2 x VPP=2 each chunk holds 2 layers, so chunk (pp 0, vp 0) routes nothing.
 LAYOUT = MoELayout.from_dense_pattern([0, 0, 1, 1, 1, 1, 1, 1], num_experts=16, top_k=4)
+PP2_VPP2 = PipelineSplit(pp_size=2, vp_size=2)
 STAGES = [(pp, vp) for vp in range(2) for pp in range(2)]
 
 lengths_strategy = st.lists(st.integers(0, 12), min_size=1, max_size=6)
@@ -249,14 +250,14 @@ def test_sequence_parallel_gives_each_tp_rank_a_contiguous_chunk_of_each_row() -
 
 def test_stage_slices_hold_the_routed_layers_megatron_builds_there() -> None:
     trace = batch_trace(3)
-    slices = [stage_slice(trace, LAYOUT, 2, pp, vp_size=2, vp_stage=vp) for pp, vp in STAGES]
+    slices = [stage_slice(trace, LAYOUT, PP2_VPP2, pp, vp) for pp, vp in STAGES]
     assert [s.layers for s in slices] == [(), (2, 3), (4, 5), (6, 7)]
     assert slices[2].experts.data_ptr() == trace.layer_experts(4).data_ptr()  # a view
 
 
 def test_stage_slices_stack_back_into_every_routed_layer() -> None:
     trace = batch_trace(5)
-    slices = [stage_slice(trace, LAYOUT, 2, pp, vp_size=2, vp_stage=vp) for pp, vp in STAGES]
+    slices = [stage_slice(trace, LAYOUT, PP2_VPP2, pp, vp) for pp, vp in STAGES]
     assert stack_stages(slices[::-1], LAYOUT).equal(trace)
 
 
@@ -295,7 +296,7 @@ def test_every_step_and_back_restores_each_sequences_routes(case: ThdCase) -> No
     on_ranks = plan.apply_trace(batch)
     # Each pipeline stage holds its own layers of each piece; stack them, gather ranks.
     per_stage = {
-        piece: [stage_slice(t, LAYOUT, 2, pp, vp_size=2, vp_stage=vp) for pp, vp in STAGES]
+        piece: [stage_slice(t, LAYOUT, PP2_VPP2, pp, vp) for pp, vp in STAGES]
         for piece, t in on_ranks.items()
     }
     stacked = {piece: stack_stages(slices, LAYOUT) for piece, slices in per_stage.items()}
@@ -312,7 +313,7 @@ def test_every_token_and_layer_lands_on_exactly_one_rank_and_stage(case: ThdCase
     for piece, trace in plan.apply_trace(batch_trace(tokens)).items():
         assert bool((trace.experts[ids[piece] < 0] == -1).all())  # padding rows are -1
         for pp, vp in STAGES:
-            stage = stage_slice(trace, LAYOUT, 2, pp, vp_size=2, vp_stage=vp)
+            stage = stage_slice(trace, LAYOUT, PP2_VPP2, pp, vp)
             slots = [LAYOUT.moe_ordinal(layer) for layer in stage.layers]
             real = ids[piece][ids[piece] >= 0]
             at = (real[:, None], torch.tensor(slots, dtype=torch.int64)[None, :])
@@ -340,15 +341,15 @@ def test_a_rank_gets_exactly_its_tokens_and_its_stages_layers(
     everything = plan.apply_trace(batch)
     for piece in everything:
         for pp_rank in range(pp_size):
-            layers = LAYOUT.rank_moe_layers(pp_size, pp_rank, vp_size)
+            layers = LAYOUT.rank_moe_layers(PipelineSplit(pp_size, vp_size), pp_rank)
             routes = plan.rank_routes(batch, piece.cp_rank, piece.tp_rank, layers)
             assert routes[piece.micro_batch].layers == layers
             assert routes[piece.micro_batch].equal(everything[piece].select_layers(layers))
 
 
 def test_a_rank_of_pp_2_vpp_2_routes_two_separate_layer_runs() -> None:
-    assert LAYOUT.rank_moe_layers(2, 0, 2) == (4, 5)  # vp_stage 0 holds dense layers only
-    assert LAYOUT.rank_moe_layers(2, 1, 2) == (2, 3, 6, 7)
+    assert LAYOUT.rank_moe_layers(PP2_VPP2, 0) == (4, 5)  # vp_stage 0 holds dense layers only
+    assert LAYOUT.rank_moe_layers(PP2_VPP2, 1) == (2, 3, 6, 7)
     plan = plan_thd([5, 3], cp_size=2)
     routes = plan.rank_routes(batch_trace(8), cp_rank=1, layers=(2, 3, 6, 7))
     ids = plan.apply(torch.arange(8))[Piece(0, 1, 0)]
@@ -592,19 +593,19 @@ def test_a_stage_slice_of_a_trace_without_the_stage_layers_is_rejected() -> None
         TraceError,
         match=r"stage \(pp_rank=1, vp_stage=0\) routes layers \[4, 5, 6, 7\].* missing \[4, 5, 6, 7\]",
     ):
-        stage_slice(partial, LAYOUT, pp_size=2, pp_rank=1)
+        stage_slice(partial, LAYOUT, PipelineSplit(pp_size=2), pp_rank=1)
 
 
 def test_stacking_stages_that_miss_a_layer_is_rejected() -> None:
     trace = batch_trace(2)
-    first = stage_slice(trace, LAYOUT, pp_size=2, pp_rank=0)
+    first = stage_slice(trace, LAYOUT, PipelineSplit(pp_size=2), pp_rank=0)
     with pytest.raises(TraceError, match=r"cover layers \[2, 3\].*missing \[4, 5, 6, 7\]"):
         stack_stages([first], LAYOUT)
 
 
 def test_stacking_overlapping_stages_is_rejected() -> None:
     trace = batch_trace(2)
-    first = stage_slice(trace, LAYOUT, pp_size=2, pp_rank=0)
+    first = stage_slice(trace, LAYOUT, PipelineSplit(pp_size=2), pp_rank=0)
     with pytest.raises(TraceError, match="Layer 2 is in stage slices 0 and 1"):
         stack_stages([first, first])
 

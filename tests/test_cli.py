@@ -61,6 +61,43 @@ def test_layout_prints_a_readable_summary(
     assert "pp_rank 1 vp_stage 0: layers [4, 5, 6, 7], routed [4, 5, 6, 7]" in out
 
 
+def test_layout_takes_uneven_first_and_last_stages(
+    deepseek_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["layout", str(deepseek_config), "--pp", "3", "--json"]
+    assert main([*argv, "--first-stage-layers", "2", "--last-stage-layers", "2"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["pipeline"] == {
+        "pp_size": 3,
+        "vp_size": 1,
+        "first_stage_layers": 2,
+        "last_stage_layers": 2,
+        "account_for_embedding": False,
+        "account_for_loss": False,
+    }
+    assert [s["layers"] for s in report["stages"]] == [[0, 1], [2, 3, 4, 5], [6, 7]]
+
+
+def test_layout_counts_the_embedding_and_the_loss_as_layers_when_asked(
+    deepseek_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["layout", str(deepseek_config), "--pp", "2", "--json"]
+    assert main([*argv, "--account-for-embedding", "--account-for-loss"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["pipeline"]["account_for_embedding"] is True
+    assert report["pipeline"]["account_for_loss"] is True
+    # 8 layers + 2 pseudo-layers over 2 ranks: 5 slots each, one of them taken.
+    assert [s["layers"] for s in report["stages"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_layout_of_uneven_stages_with_accounting_exits_2_with_the_reason(
+    deepseek_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["layout", str(deepseek_config), "--pp", "2", "--first-stage-layers", "2"]
+    assert main([*argv, "--account-for-loss"]) == EXIT_BAD_INPUT
+    assert "cannot be combined with account_for_embedding/loss" in capsys.readouterr().err
+
+
 def test_layout_of_an_impossible_split_exits_2_with_the_reason(
     deepseek_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from hf_models import FAMILIES, router_of, tiny_config, tiny_model
 
-from routereplay import LayoutError, MoELayout
+from routereplay import LayoutError, MoELayout, PipelineSplit
 
 # Hybrid variants: (family, overrides, expected routed layers of 6 decoder layers).
 HYBRIDS = [
@@ -233,17 +233,64 @@ def test_moe_ordinal_of_a_dense_layer_is_an_error(hybrid_layout: MoELayout) -> N
 def test_impossible_pipeline_splits_say_what_to_fix(
     hybrid_layout: MoELayout, kwargs: dict, message: str
 ) -> None:
+    split = dict(kwargs)
+    pp_rank = split.pop("pp_rank")
     with pytest.raises(LayoutError, match=message):
-        hybrid_layout.stage_layers(**kwargs)
+        hybrid_layout.stage_layers(PipelineSplit(**split), pp_rank)
 
 
 def test_dense_prefix_does_not_shift_stage_moe_layers(hybrid_layout: MoELayout) -> None:
     # Stage 0 of PP=2 holds layers 0-3, of which only 2 and 3 route.
-    assert hybrid_layout.stage_moe_layers(2, 0) == (2, 3)
-    assert hybrid_layout.stage_moe_layers(2, 1) == (4, 5, 6, 7)
+    assert hybrid_layout.stage_moe_layers(PipelineSplit(pp_size=2), 0) == (2, 3)
+    assert hybrid_layout.stage_moe_layers(PipelineSplit(pp_size=2), 1) == (4, 5, 6, 7)
     # Interleaved: rank 0 holds chunks 0 and 2.
-    assert hybrid_layout.stage_moe_layers(2, 0, vp_size=2, vp_stage=0) == ()
-    assert hybrid_layout.stage_moe_layers(2, 0, vp_size=2, vp_stage=1) == (4, 5)
+    interleaved = PipelineSplit(pp_size=2, vp_size=2)
+    assert hybrid_layout.stage_moe_layers(interleaved, 0, vp_stage=0) == ()
+    assert hybrid_layout.stage_moe_layers(interleaved, 0, vp_stage=1) == (4, 5)
+    assert hybrid_layout.rank_moe_layers(interleaved, 0) == (4, 5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"pp_size": 0}, "pp_size and vp_size must be at least 1"),
+        ({"pp_size": 2.0}, r"pp_size must be an integer, found 2\.0"),
+        ({"pp_size": 2, "first_stage_layers": "3"}, "first_stage_layers must be an integer"),
+        ({"pp_size": 2, "account_for_loss": 1}, "account_for_loss must be True or False"),
+    ],
+)
+def test_a_pipeline_split_of_wrong_values_is_refused_when_built(fields: dict, message: str) -> None:
+    with pytest.raises(LayoutError, match=message):
+        PipelineSplit(**fields)
+
+
+def test_a_pipeline_split_reads_every_field_of_a_megatron_config() -> None:
+    config = SimpleNamespace(
+        pipeline_model_parallel_size=4,
+        virtual_pipeline_model_parallel_size=2,
+        num_layers_in_first_pipeline_stage=2,
+        num_layers_in_last_pipeline_stage=4,
+        account_for_embedding_in_pipeline_split=False,
+        account_for_loss_in_pipeline_split=False,
+    )
+    assert PipelineSplit.from_megatron_config(config) == PipelineSplit(
+        pp_size=4, vp_size=2, first_stage_layers=2, last_stage_layers=4
+    )
+    accounted = SimpleNamespace(
+        pipeline_model_parallel_size=2,
+        virtual_pipeline_model_parallel_size=None,
+        account_for_embedding_in_pipeline_split=True,
+        account_for_loss_in_pipeline_split=True,
+    )
+    assert PipelineSplit.from_megatron_config(accounted) == PipelineSplit(
+        pp_size=2, account_for_embedding=True, account_for_loss=True
+    )
+
+
+def test_one_pipeline_rank_builds_every_layer_whatever_else_the_config_says() -> None:
+    config = SimpleNamespace(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=2)
+    assert PipelineSplit.from_megatron_config(config) == PipelineSplit()
+    assert PipelineSplit.from_megatron_config(SimpleNamespace()) == PipelineSplit()
 
 
 @pytest.mark.parametrize(

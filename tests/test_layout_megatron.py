@@ -1,4 +1,4 @@
-"""MoELayout.stage_layers against megatron-core's own placement functions.
+"""MoELayout.stage_layers and PipelineSplit against megatron-core's own placement functions.
 
 megatron-core is the reference: for every pipeline split it accepts and places as a
 partition of the layers, our stage slices must equal its
@@ -16,33 +16,41 @@ import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from routereplay import LayoutError, MoELayout
+from routereplay import LayoutError, MoELayout, PipelineSplit
 
 Stages = dict[tuple[int, int], tuple[int, ...]]
 
 
+def megatron_config(split: dict[str, Any]) -> Any:
+    """megatron-core's `TransformerConfig` of `split`; raises what it raises."""
+    from megatron.core.transformer import TransformerConfig
+
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return TransformerConfig(
+                num_layers=split["num_layers"],
+                hidden_size=8,
+                num_attention_heads=2,
+                pipeline_dtype=torch.float32,
+                pipeline_model_parallel_size=split["pp_size"],
+                virtual_pipeline_model_parallel_size=split["vp"],
+                num_layers_in_first_pipeline_stage=split["first"],
+                num_layers_in_last_pipeline_stage=split["last"],
+                account_for_embedding_in_pipeline_split=split["embedding"],
+                account_for_loss_in_pipeline_split=split["loss"],
+            )
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def megatron_stages(split: dict[str, Any]) -> Stages:
     """Layer ids megatron-core builds on every (pp_rank, vp_stage); raises what it raises."""
-    from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    logging.disable(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = TransformerConfig(
-            num_layers=split["num_layers"],
-            hidden_size=8,
-            num_attention_heads=2,
-            pipeline_dtype=torch.float32,
-            pipeline_model_parallel_size=split["pp_size"],
-            virtual_pipeline_model_parallel_size=split["vp"],
-            num_layers_in_first_pipeline_stage=split["first"],
-            num_layers_in_last_pipeline_stage=split["last"],
-            account_for_embedding_in_pipeline_split=split["embedding"],
-            account_for_loss_in_pipeline_split=split["loss"],
-        )
-    logging.disable(logging.NOTSET)
+    config = megatron_config(split)
     stages: Stages = {}
     for rank in range(split["pp_size"]):
         for stage in range(split["vp"] or 1):
@@ -53,18 +61,21 @@ def megatron_stages(split: dict[str, Any]) -> Stages:
     return stages
 
 
+def pipeline_split(split: dict[str, Any]) -> PipelineSplit:
+    return PipelineSplit(
+        pp_size=split["pp_size"],
+        vp_size=split["vp"] or 1,
+        first_stage_layers=split["first"],
+        last_stage_layers=split["last"],
+        account_for_embedding=split["embedding"],
+        account_for_loss=split["loss"],
+    )
+
+
 def our_stages(layout: MoELayout, split: dict[str, Any]) -> Stages:
+    pipeline = pipeline_split(split)
     return {
-        (rank, stage): layout.stage_layers(
-            split["pp_size"],
-            rank,
-            split["vp"] or 1,
-            stage,
-            split["first"],
-            split["last"],
-            split["embedding"],
-            split["loss"],
-        )
+        (rank, stage): layout.stage_layers(pipeline, rank, stage)
         for rank in range(split["pp_size"])
         for stage in range(split["vp"] or 1)
     }
@@ -148,17 +159,8 @@ def test_stage_layers_match_megatron_core(split: dict[str, Any], data: st.DataOb
         assert isinstance(megatron_error, ZeroDivisionError), (split, megatron_error)
         assert split["first"] and split["last"] and split["vp"] and split["pp_size"] == 2
 
-    for key, layers in ours.items():
-        moe = layout.stage_moe_layers(
-            split["pp_size"],
-            key[0],
-            split["vp"] or 1,
-            key[1],
-            split["first"],
-            split["last"],
-            split["embedding"],
-            split["loss"],
-        )
+    for (rank, stage), layers in ours.items():
+        moe = layout.stage_moe_layers(pipeline_split(split), rank, stage)
         assert moe == tuple(i for i in layers if pattern[i])
 
 
@@ -210,3 +212,16 @@ def test_known_splits_match_megatron_core(split: dict[str, Any], expected: Stage
     layout = MoELayout.from_dense_pattern([1] * split["num_layers"], num_experts=4, top_k=2)
     assert megatron_stages(split) == expected
     assert our_stages(layout, split) == expected
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        {"pp_size": 2, "vp": 2, "first": None, "last": None, "embedding": False, "loss": False},
+        {"pp_size": 4, "vp": None, "first": 2, "last": 2, "embedding": False, "loss": False},
+        {"pp_size": 2, "vp": None, "first": None, "last": None, "embedding": True, "loss": True},
+    ],
+)
+def test_a_pipeline_split_reads_megatron_cores_own_config(split: dict[str, Any]) -> None:
+    config = megatron_config({"num_layers": 10 if split["first"] else 8, **split})
+    assert PipelineSplit.from_megatron_config(config) == pipeline_split(split)

@@ -26,7 +26,7 @@ from megatron_harness import (
     watch_routers,
 )
 
-from routereplay import MoELayout, ReplayError, RoutingTrace
+from routereplay import MoELayout, PipelineSplit, ReplayError, RoutingTrace
 from routereplay.align import pad_traces, stack_stages, unpad_traces
 from routereplay.integrations import megatron as rr_megatron
 
@@ -112,7 +112,9 @@ def record_and_replay(rank: int) -> dict[str, Any]:
     }
     # ... and back into the trainer's layout for the update pass, each rank taking only
     # its own layers (rank 1's are two runs, (2, 3) and (6, 7)).
-    layers = LAYOUT.rank_moe_layers(2, rank, 2)
+    split = PipelineSplit.from_megatron_config(chunks[0].config)
+    assert split == PipelineSplit(pp_size=2, vp_size=2)
+    layers = LAYOUT.rank_moe_layers(split, rank)
     update = {
         mb: rr_megatron.sequence_first(pad_traces(seqs, SEQ, layers=layers))
         for mb, seqs in sequences.items()

@@ -10,6 +10,7 @@ from routereplay.errors import (
 )
 from routereplay.integrations.hf import attach
 from routereplay.layout import MoELayout
+from routereplay.pipeline_split import PipelineSplit
 from routereplay.recording import Recording, Tokens
 from routereplay.rollout import Rollout
 from routereplay.routing import RouterScores, RouterSpec, Routing, gate_weights, native_ids, select
@@ -25,6 +26,7 @@ __all__ = [
     "LayoutError",
     "MoELayout",
     "Mode",
+    "PipelineSplit",
     "Recording",
     "ReplayController",
     "ReplayError",

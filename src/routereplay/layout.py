@@ -17,6 +17,7 @@ from typing import Any, Literal
 from routereplay.checks import exact_int, exact_ints
 from routereplay.errors import LayoutError
 from routereplay.errors import short_ids as _short
+from routereplay.pipeline_split import PipelineSplit
 
 
 @dataclass(frozen=True)
@@ -179,55 +180,24 @@ class MoELayout:
         }
 
     def stage_layers(
-        self,
-        pp_size: int,
-        pp_rank: int,
-        vp_size: int = 1,
-        vp_stage: int = 0,
-        first_stage_layers: int | None = None,
-        last_stage_layers: int | None = None,
-        account_for_embedding: bool = False,
-        account_for_loss: bool = False,
+        self, split: PipelineSplit, pp_rank: int, vp_stage: int = 0
     ) -> tuple[int, ...]:
-        """Global decoder layer ids that megatron-core builds on (pp_rank, vp_stage).
+        """Global decoder layer ids that megatron-core builds on (pp_rank, vp_stage) of
+        `split`: even, interleaved (VPP), uneven first/last and embedding/loss-accounted
+        splits alike (see `PipelineSplit`)."""
+        return split.chunk_layers(self.num_layers, pp_rank, vp_stage)
 
-        Matches `get_transformer_layer_offset` / `get_num_layers_to_build`, including
-        uneven first/last stages (`num_layers_in_{first,last}_pipeline_stage`) and the
-        embedding/loss pseudo-layers (`account_for_{embedding,loss}_in_pipeline_split`).
-        """
-        sizes = _chunk_sizes(
-            self.num_layers,
-            pp_size,
-            vp_size,
-            first_stage_layers,
-            last_stage_layers,
-            account_for_embedding,
-            account_for_loss,
-        )
-        if not (0 <= pp_rank < pp_size and 0 <= vp_stage < vp_size):
-            raise LayoutError(
-                f"(pp_rank={pp_rank}, vp_stage={vp_stage}) is outside a pipeline of "
-                f"pp_size={pp_size}, vp_size={vp_size}."
-            )
-        # Megatron places chunks round by round: virtual stage 0 of every rank, then
-        # virtual stage 1 of every rank, and so on.
-        chunk = vp_stage * pp_size + pp_rank
-        offset = sum(sizes[:chunk])
-        return tuple(range(offset, offset + sizes[chunk]))
-
-    def stage_moe_layers(self, *args: Any, **kwargs: Any) -> tuple[int, ...]:
-        """The routed subset of `stage_layers(...)`, same arguments."""
-        return tuple(i for i in self.stage_layers(*args, **kwargs) if i in self._moe_set)
-
-    def rank_moe_layers(
-        self, pp_size: int, pp_rank: int, vp_size: int = 1, **split: Any
+    def stage_moe_layers(
+        self, split: PipelineSplit, pp_rank: int, vp_stage: int = 0
     ) -> tuple[int, ...]:
+        """The routed subset of `stage_layers(split, pp_rank, vp_stage)`."""
+        return tuple(i for i in self.stage_layers(split, pp_rank, vp_stage) if i in self._moe_set)
+
+    def rank_moe_layers(self, split: PipelineSplit, pp_rank: int) -> tuple[int, ...]:
         """The routed layers of every virtual stage pipeline rank `pp_rank` builds, in
-        layer order: the layers whose routes that rank replays. `split` takes the
-        keyword arguments of `stage_layers` after `vp_stage`."""
+        layer order: the layers whose routes that rank replays."""
         stages = (
-            self.stage_moe_layers(pp_size, pp_rank, vp_size, vp_stage, **split)
-            for vp_stage in range(vp_size)
+            self.stage_moe_layers(split, pp_rank, vp_stage) for vp_stage in range(split.vp_size)
         )
         return tuple(sorted(layer for stage in stages for layer in stage))
 
@@ -239,87 +209,6 @@ class MoELayout:
                 f"Layer {layer} is outside the {self.num_layers} decoder layers of this "
                 f"{self.family} layout (ids are global and 0-based)."
             )
-
-
-def _chunk_sizes(
-    num_layers: int,
-    pp_size: int,
-    vp_size: int,
-    first: int | None,
-    last: int | None,
-    account_for_embedding: bool,
-    account_for_loss: bool,
-) -> list[int]:
-    """Layers per model chunk, in Megatron's placement order (vp_stage major, pp_rank minor)."""
-    if pp_size < 1 or vp_size < 1:
-        raise LayoutError(f"pp_size and vp_size must be at least 1, found {pp_size}, {vp_size}.")
-    if vp_size > 1 and pp_size == 1:
-        raise LayoutError("Virtual pipeline stages (vp_size > 1) need pp_size > 1.")
-    uneven = first is not None or last is not None
-    if uneven and pp_size == 1:
-        raise LayoutError("first/last stage layer counts need pp_size > 1.")
-    if uneven and (account_for_embedding or account_for_loss):
-        raise LayoutError(
-            "Uneven first/last stages cannot be combined with account_for_embedding/loss "
-            "(megatron-core rejects it too)."
-        )
-    if uneven:
-        return _uneven_chunk_sizes(num_layers, pp_size, vp_size, first, last)
-
-    # Embedding and loss count as pseudo-layers at the two ends of the split.
-    slots = num_layers + int(account_for_embedding) + int(account_for_loss)
-    if slots % pp_size:
-        raise LayoutError(
-            f"{slots} layers{_pseudo(account_for_embedding, account_for_loss)} do not divide "
-            f"over pp_size={pp_size}: use a layer count divisible by {pp_size}, or set "
-            "first/last stage layer counts."
-        )
-    per_rank = slots // pp_size
-    if per_rank % vp_size:
-        raise LayoutError(
-            f"{per_rank} layers per pipeline rank do not divide into vp_size={vp_size} "
-            "virtual stages."
-        )
-    sizes = [per_rank // vp_size] * (pp_size * vp_size)
-    # Every chunk holds at least one slot here, so neither can go negative.
-    sizes[0] -= int(account_for_embedding)
-    sizes[-1] -= int(account_for_loss)
-    return sizes
-
-
-def _uneven_chunk_sizes(
-    num_layers: int, pp_size: int, vp_size: int, first: int | None, last: int | None
-) -> list[int]:
-    middle_ranks = pp_size - (first is not None) - (last is not None)
-    middle_layers = num_layers - (first or 0) - (last or 0)
-    for name, count in (("first", first), ("last", last)):
-        if count is not None and (count <= 0 or count % vp_size):
-            raise LayoutError(
-                f"The {name} stage holds {count} layers; it must be positive and divisible "
-                f"by vp_size={vp_size}."
-            )
-    if middle_layers < 0 or bool(middle_layers) != bool(middle_ranks):
-        raise LayoutError(
-            f"{middle_layers} layers remain for {middle_ranks} middle pipeline ranks after the "
-            f"first ({first}) and last ({last}) stages: both must be zero or both positive."
-        )
-    per_middle = middle_layers // middle_ranks if middle_ranks else 0
-    if middle_ranks and (middle_layers % middle_ranks or per_middle % vp_size):
-        raise LayoutError(
-            f"{middle_layers} middle layers must divide over {middle_ranks} middle ranks and "
-            f"then over vp_size={vp_size} virtual stages."
-        )
-    per_rank = [per_middle] * pp_size
-    if first is not None:
-        per_rank[0] = first
-    if last is not None:
-        per_rank[-1] = last
-    return [n // vp_size for _ in range(vp_size) for n in per_rank]
-
-
-def _pseudo(embedding: bool, loss: bool) -> str:
-    extra = [name for name, on in (("embedding", embedding), ("loss", loss)) if on]
-    return f" (counting {' and '.join(extra)})" if extra else ""
 
 
 def _check_increasing(ids: tuple[int, ...], lo: int, hi: int, name: str) -> None:

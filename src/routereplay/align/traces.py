@@ -8,7 +8,7 @@ The padding and packing helpers are that plus one plan; stage slices cut the lay
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -24,6 +24,7 @@ from routereplay.align.plan import (
 from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
+from routereplay.pipeline_split import PipelineSplit
 from routereplay.trace import NO_ROUTE, RoutingTrace
 
 
@@ -244,17 +245,15 @@ def _check_dropped(
 def stage_slice(
     trace: RoutingTrace,
     layout: MoELayout,
-    pp_size: int,
+    split: PipelineSplit,
     pp_rank: int,
-    vp_size: int = 1,
     vp_stage: int = 0,
-    **split: Any,
 ) -> RoutingTrace:
     """`[..., layers, top_k]` -> `[..., stage layers, top_k]`: the routed layers that
-    (pp_rank, vp_stage) builds (`MoELayout.stage_moe_layers`, same arguments). A view when
+    (pp_rank, vp_stage) of `split` builds (`MoELayout.stage_moe_layers`). A view when
     those layers sit side by side on the trace's layer axis; a stage of dense layers only
     gets an empty layer axis."""
-    layers = layout.stage_moe_layers(pp_size, pp_rank, vp_size, vp_stage, **split)
+    layers = layout.stage_moe_layers(split, pp_rank, vp_stage)
     missing = [layer for layer in layers if layer not in trace.layers]
     if missing:
         raise TraceError(

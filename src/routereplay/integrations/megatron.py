@@ -49,6 +49,7 @@ from routereplay.controller import ReplayController
 from routereplay.errors import LayoutError, ReplayError, RouteReplayError
 from routereplay.integrations.agreement import agree_on_checks
 from routereplay.layout import MoELayout
+from routereplay.pipeline_split import PipelineSplit
 from routereplay.trace import RoutingTrace
 
 _MTP_PATH = re.compile(r"(?:^|\.)mtp\.")
@@ -70,13 +71,14 @@ def attach(
     config = _config_of(models[0])
     layout = MoELayout.from_megatron_config(config)
     _refuse_unreplayable(config)
+    split = PipelineSplit.from_megatron_config(config)
     rank = _pipeline_rank() if pp_rank is None else pp_rank
     controller = ReplayController(layout, strict=strict, source=source, label=f"pp_rank {rank}")
     for stage, model in enumerate(models):
         routers = find_routers(model)
         vp_stage = getattr(model, "vp_stage", None)
         vp_stage = stage if vp_stage is None else vp_stage
-        expected = _stage_moe_layers(layout, config, rank, vp_stage)
+        expected = layout.stage_moe_layers(split, rank, vp_stage)
         if tuple(routers) != expected:
             raise LayoutError(
                 f"Model chunk {stage} (pp_rank {rank}) has routers on global layers "
@@ -258,25 +260,6 @@ def _pipeline_rank() -> int:
     if not parallel_state.model_parallel_is_initialized():
         return 0
     return int(parallel_state.get_pipeline_model_parallel_rank())
-
-
-def _stage_moe_layers(
-    layout: MoELayout, config: Any, pp_rank: int, vp_stage: int | None
-) -> tuple[int, ...]:
-    pp_size = int(getattr(config, "pipeline_model_parallel_size", 1) or 1)
-    vp_size = int(getattr(config, "virtual_pipeline_model_parallel_size", None) or 1)
-    if pp_size == 1:
-        return layout.moe_layers
-    return layout.stage_moe_layers(
-        pp_size,
-        pp_rank,
-        vp_size,
-        vp_stage or 0,
-        getattr(config, "num_layers_in_first_pipeline_stage", None),
-        getattr(config, "num_layers_in_last_pipeline_stage", None),
-        bool(getattr(config, "account_for_embedding_in_pipeline_split", False)),
-        bool(getattr(config, "account_for_loss_in_pipeline_split", False)),
-    )
 
 
 def _swap_token_axes(trace: RoutingTrace) -> RoutingTrace:

@@ -45,6 +45,7 @@ from routereplay.errors import LayoutError, ReplayError, RouteReplayError
 from routereplay.errors import short_ids as _short
 from routereplay.integrations.agreement import agree_on_checks
 from routereplay.layout import MoELayout
+from routereplay.pipeline_split import PipelineSplit
 from routereplay.recording import MicroBatch, Recording
 from routereplay.trace import RoutingTrace
 
@@ -115,9 +116,7 @@ def stage_layers(layout: MoELayout, num_stages: int, stage_index: int) -> tuple[
     (stage s runs on rank s % pp_size), as megatron-core places (pp_rank, vp_stage)."""
     if not 0 <= stage_index < num_stages:
         raise LayoutError(f"Stage {stage_index} is outside the {num_stages} pipeline stages.")
-    if num_stages == 1:
-        return tuple(range(layout.num_layers))
-    return layout.stage_layers(num_stages, stage_index)
+    return layout.stage_layers(PipelineSplit(pp_size=num_stages), stage_index)
 
 
 def split_model(
