@@ -8,9 +8,10 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from routereplay.errors import TraceFileError
-from routereplay.trace import NO_ROUTE
+from routereplay.trace import NO_ROUTE, storage_dtype
 
 Encoding = Literal["compact", "packed"]
 ENCODINGS: tuple[str, ...] = get_args(Encoding)
@@ -50,12 +51,11 @@ class Codec:
         self.top_k = top_k
         self.id_dtype = compact_dtype(num_experts)
         self.bits = packed_bits(num_experts) if encoding == "packed" else 8 * self.id_dtype.itemsize
-        # Decoded ids go to RoutingTrace in a dtype that can also hold `num_experts`
-        # itself: its range check compares against that number in the tensor's dtype
-        # (int8 ids of 128 experts are refused as out of range).
-        self.trace_dtype = np.dtype(
-            next(t for t in (np.int8, np.int16, np.int32) if num_experts <= np.iinfo(t).max)
-        )
+        # Decoded ids go to RoutingTrace in the storage dtype of one expert more, which
+        # also holds `num_experts` itself: a stored id of 200 for 128 experts then
+        # reaches the range check as 200, not wrapped to -56 (or, for 255, to -1: no
+        # route).
+        self.trace_dtype = _numpy_dtype(storage_dtype(num_experts + 1))
 
     def id_bytes(self, tokens: int) -> int:
         return -(-tokens * self.num_layers * self.top_k * self.bits // 8)
@@ -85,6 +85,10 @@ class Codec:
         )
         experts[routed == 0] = NO_ROUTE
         return experts
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def _pack_bits(values: np.ndarray[Any, Any], bits: int) -> Bytes:
