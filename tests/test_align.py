@@ -443,7 +443,7 @@ def test_traces_over_different_layers_are_rejected() -> None:
     traces[1] = traces[1].select_layers([2, 3, 4])
     with pytest.raises(
         TraceError,
-        match=r"Sequence 1's trace covers layers \[2, 3, 4\] with top_k=4 .* sequence 0's covers \[2, 3, 4, 5, 6, 7\]",
+        match=r"Sequence 1's trace covers layers \[2, 3, 4\] with top_k=4 .* sequence 0's covers layers \[2, 3, 4, 5, 6, 7\]",
     ):
         concat_traces(traces)
 
@@ -476,7 +476,9 @@ def test_a_sequence_longer_than_the_batch_row_is_rejected() -> None:
 
 def test_unpadding_with_lengths_longer_than_the_rows_names_the_sequence() -> None:
     batch = pad_traces(sequence_traces([2, 3]))
-    with pytest.raises(TraceError, match="Sequence 0 has length 4, but the batch rows hold 3"):
+    with pytest.raises(
+        TraceError, match="Sequence 0 has 4 tokens, more than the 3 a batch row holds"
+    ):
         unpad_traces(batch, [4, 1])
 
 
@@ -601,6 +603,29 @@ def test_stacking_stages_that_miss_a_layer_is_rejected() -> None:
     first = stage_slice(trace, LAYOUT, PipelineSplit(pp_size=2), pp_rank=0)
     with pytest.raises(TraceError, match=r"cover layers \[2, 3\].*missing \[4, 5, 6, 7\]"):
         stack_stages([first], LAYOUT)
+
+
+def test_stacking_slices_of_other_token_axes_names_both() -> None:
+    first = stage_slice(batch_trace(4), LAYOUT, PipelineSplit(pp_size=2), pp_rank=0)
+    second = stage_slice(batch_trace(6), LAYOUT, PipelineSplit(pp_size=2), pp_rank=1)
+    with pytest.raises(
+        TraceError,
+        match=r"^Stage slice 1 has top_k=4 of 16 experts on token axes \[6\]; slice 0 has top_k=4 "
+        r"of 16 experts on token axes \[4\]: stack slices of one piece of one batch\.$",
+    ):
+        stack_stages([first, second])
+
+
+def test_restoring_pieces_of_other_layers_names_both() -> None:
+    ranks = context_parallel_plans([4], 2, zigzag=False)
+    pieces = [plan.apply_trace(batch_trace(4)) for plan in ranks]
+    pieces[1] = pieces[1].select_layers([2, 3])
+    with pytest.raises(
+        TraceError,
+        match=r"^Piece 1 covers layers \[2, 3\] with top_k=4 of 16 experts; Piece 0 covers layers "
+        r"\[2, 3, 4, 5, 6, 7\] .*: restore one layer slice at a time",
+    ):
+        restore_trace(pieces, ranks)
 
 
 def test_stacking_overlapping_stages_is_rejected() -> None:

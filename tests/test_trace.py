@@ -187,6 +187,53 @@ def test_check_layout_names_expert_count_and_top_k(hybrid_layout: MoELayout) -> 
         trace.check_layout(hybrid_layout)
 
 
+def test_compatible_traces_share_layers_top_k_and_expert_count() -> None:
+    trace = RoutingTrace(random_routes((3,), 2, 2, 8), layers=(2, 3), num_experts=8)
+    other = RoutingTrace(random_routes((5,), 2, 2, 8, seed=1), layers=(2, 3), num_experts=8)
+    trace.check_compatible(other, names=("a", "b"), fix="join them.")  # other token counts
+    wider = RoutingTrace(random_routes((3,), 2, 2, 16), layers=(2, 3), num_experts=16)
+    with pytest.raises(
+        TraceError,
+        match=r"^Trace 1 covers layers \[2, 3\] with top_k=2 of 16 experts; trace 0 covers "
+        r"layers \[2, 3\] with top_k=2 of 8 experts: join traces of one model\.$",
+    ):
+        wider.check_compatible(trace, names=("Trace 1", "trace 0"), fix="join traces of one model.")
+
+
+def test_compatibility_names_the_token_axes_only_when_they_must_agree() -> None:
+    trace = RoutingTrace(random_routes((2, 4), 1, 2, 8), layers=(2,), num_experts=8)
+    other_layer = RoutingTrace(random_routes((2, 4), 1, 2, 8), layers=(3,), num_experts=8)
+    trace.check_compatible(other_layer, names=("a", "b"), fix="", layers=False, token_shape=True)
+    other_tokens = RoutingTrace(random_routes((4, 2), 1, 2, 8), layers=(3,), num_experts=8)
+    with pytest.raises(
+        TraceError,
+        match=r"^Slice 1 has top_k=2 of 8 experts on token axes \[4, 2\]; slice 0 has top_k=2 "
+        r"of 8 experts on token axes \[2, 4\]: stack one batch\.$",
+    ):
+        other_tokens.check_compatible(
+            trace,
+            names=("Slice 1", "slice 0"),
+            fix="stack one batch.",
+            layers=False,
+            token_shape=True,
+        )
+
+
+def test_a_trace_compatible_with_a_layout_covers_exactly_its_routed_layers(
+    hybrid_layout: MoELayout,
+) -> None:
+    routed = len(hybrid_layout.moe_layers)
+    full = RoutingTrace(random_routes((3,), routed, 4, 16), hybrid_layout.moe_layers, 16)
+    full.check_compatible(hybrid_layout, names=("the turn", "the layout"), fix="")
+    part = full.select_layers([2, 3])
+    with pytest.raises(
+        TraceError,
+        match=r"the turn covers layers \[2, 3\] with top_k=4 of 16 experts; the layout covers "
+        r"layers \[2, 3, 4, 5, 6, 7\] with top_k=4 of 16 experts",
+    ):
+        part.check_compatible(hybrid_layout, names=("the turn", "the layout"), fix="")
+
+
 def test_selecting_a_layer_the_trace_lacks_is_an_error() -> None:
     trace = RoutingTrace(random_routes((3,), 2, 2, 8), layers=(2, 3), num_experts=8)
     with pytest.raises(TraceError, match=r"no routes for layer 5; it covers layers \[2, 3\]"):

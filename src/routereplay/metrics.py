@@ -46,11 +46,12 @@ class RoutingAgreement:
 
 def routing_agreement(a: RoutingTrace, b: RoutingTrace) -> RoutingAgreement:
     """Compare two traces of the same tokens and layers (e.g. engine vs trainer)."""
-    if a.layers != b.layers or a.token_shape != b.token_shape or a.top_k != b.top_k:
-        raise TraceError(
-            f"Traces to compare must cover the same tokens and layers with the same top_k: "
-            f"{a!r} vs {b!r}."
-        )
+    a.check_compatible(
+        b,
+        names=(f"The first ({a.source}) trace", f"the second ({b.source})"),
+        fix="traces to compare must cover the same tokens and layers with the same top_k.",
+        token_shape=True,
+    )
     top_k = a.top_k
     ids_a = a.expert_ids().reshape(-1, len(a.layers), top_k)  # [tokens, layers, k]
     ids_b = b.expert_ids().reshape(-1, len(b.layers), top_k)

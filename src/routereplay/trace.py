@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch
 from routereplay.checks import exact_int, exact_ints
 from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
+from routereplay.id_checks import has_partial_rows, has_repeated_rows, id_range, repeated_mask
 from routereplay.layout import MoELayout
 
 NO_ROUTE = -1
@@ -141,16 +142,17 @@ class RoutingTrace:
                 f"top_k={self.top_k} is more than num_experts={self.num_experts}: "
                 "a row cannot hold that many distinct experts."
             )
-        missing = experts == NO_ROUTE
-        partial = missing.any(-1) & ~missing.all(-1)
-        if partial.any():
+        # Yes/no questions first (a few fast passes); the masks only to name the row.
+        if has_partial_rows(experts):
+            missing = experts == NO_ROUTE
+            partial = missing.any(-1) & ~missing.all(-1)
             raise TraceError(
                 f"{_where(partial, layers)} mixes -1 with expert ids "
                 f"{experts[_first(partial)].tolist()}: a row is either all -1 (no route) "
                 "or fully routed."
             )
-        repeated = _repeated(experts) & ~missing[..., 0]
-        if repeated.any():
+        if has_repeated_rows(experts):
+            repeated = repeated_mask(experts) & (experts[..., 0] != NO_ROUTE)
             raise TraceError(
                 f"{_where(repeated, layers)} routes to the same expert twice: "
                 f"{experts[_first(repeated)].tolist()}. A token picks top_k distinct experts; "
@@ -185,6 +187,42 @@ class RoutingTrace:
                 f"not route in the {layout.family} layout (routed: {_short(layout.moe_layers)}"
                 f"{', MTP: ' + _short(layout.mtp_layers) if layout.mtp_layers else ''})."
             )
+
+    def check_compatible(
+        self,
+        expected: RoutingTrace | MoELayout,
+        *,
+        names: tuple[str, str],
+        fix: str,
+        layers: bool = True,
+        token_shape: bool = False,
+    ) -> None:
+        """Raise `TraceError` unless this trace's routes can be joined with, compared to
+        or stitched onto `expected`'s: the same expert count and top_k, the same global
+        layers (unless `layers=False`: stage slices cover different ones) and, with
+        `token_shape`, the same token axes. A layout expects its routed layers
+        (`moe_layers`) on any token axes.
+
+        names: what the error calls this trace and `expected`, e.g. ("Sequence 3's
+               trace", "sequence 0's"); fix: what to do, the error's last clause.
+        """
+        found = _Routes(self.layers, self.top_k, self.num_experts, self.token_shape)
+        if isinstance(expected, MoELayout):
+            wanted = _Routes(expected.moe_layers, expected.top_k, expected.num_experts, None)
+        else:
+            wanted = _Routes(
+                expected.layers, expected.top_k, expected.num_experts, expected.token_shape
+            )
+        if (
+            (found.top_k, found.num_experts) == (wanted.top_k, wanted.num_experts)
+            and (not layers or found.layers == wanted.layers)
+            and (not token_shape or wanted.token_shape in (None, found.token_shape))
+        ):
+            return
+        raise TraceError(
+            f"{names[0]} {found.describe(layers, token_shape)}; "
+            f"{names[1]} {wanted.describe(layers, token_shape)}: {fix}"
+        )
 
     # -- conversions ------------------------------------------------------------------
 
@@ -321,6 +359,23 @@ class RoutingTrace:
         object.__setattr__(self, "_checked_version", self.experts._version)
 
 
+class _Routes(NamedTuple):
+    """What `check_compatible` compares of a trace (or expects of a layout)."""
+
+    layers: tuple[int, ...]
+    top_k: int
+    num_experts: int
+    token_shape: tuple[int, ...] | None  # None: a layout, any token axes
+
+    def describe(self, layers: bool, token_shape: bool) -> str:
+        """'covers layers [2, 3] with top_k=4 of 16 experts on token axes [2, 8]'."""
+        text = f"covers layers {_short(self.layers)} with " if layers else "has "
+        text += f"top_k={self.top_k} of {self.num_experts} experts"
+        if token_shape and self.token_shape is not None:
+            text += f" on token axes {list(self.token_shape)}"
+        return text
+
+
 def _as_int_tensor(experts: ExpertArray, name: str) -> torch.Tensor:
     if isinstance(experts, np.ndarray):
         if not np.issubdtype(experts.dtype, np.integer):
@@ -374,6 +429,9 @@ def _as_token_ids(
 def _check_range(experts: torch.Tensor, layers: Sequence[int], num_experts: int) -> None:
     # torch casts a Python int to the tensor's dtype before comparing: 128 would become
     # -128 in int8. Where num_experts exceeds the dtype, no stored id can reach it.
+    low, high = id_range(experts)
+    if low >= NO_ROUTE and high < num_experts:
+        return
     bad = experts < NO_ROUTE
     if num_experts <= torch.iinfo(experts.dtype).max:
         bad |= experts >= num_experts
@@ -420,21 +478,6 @@ def _check_capture(routed: torch.Tensor, layers: Sequence[int], source: str) -> 
             "array: that is a broken capture (routing not recorded), not routing. Check "
             "that the engine's routed-experts capture is bound to this model's MoE layers."
         )
-
-
-def _repeated(experts: torch.Tensor) -> torch.Tensor:
-    """`[..., layers]` bool: rows of `experts [..., layers, top_k]` with an id twice."""
-    top_k = experts.shape[-1]
-    if top_k > 16:
-        ordered = experts.sort(dim=-1).values
-        return (ordered[..., 1:] == ordered[..., :-1]).any(-1)
-    # Comparing column pairs is several times faster than sorting tiny rows.
-    columns = experts.unbind(-1)
-    repeated = torch.zeros(experts.shape[:-1], dtype=torch.bool, device=experts.device)
-    for i in range(top_k):
-        for j in range(i + 1, top_k):
-            repeated |= columns[i] == columns[j]
-    return repeated
 
 
 def _first(mask: torch.Tensor) -> tuple[int, ...]:

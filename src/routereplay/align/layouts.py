@@ -17,6 +17,7 @@ from routereplay.align.plan import (
     Lengths,
     TokenPlan,
     as_lengths,
+    check_fits,
     check_size,
     starts,
 )
@@ -37,13 +38,12 @@ def pad_plan(
     seq_len = longest if seq_len is None else seq_len
     if side not in ("right", "left"):
         raise LayoutError(f"side must be 'right' or 'left', found {side!r}.")
-    too_long = (lengths > seq_len).nonzero()
-    if too_long.numel():
-        index = int(too_long[0])
-        raise LayoutError(
-            f"Sequence {index} has {int(lengths[index])} tokens, more than seq_len={seq_len}: "
-            "a padded batch row cannot hold it (raise seq_len or truncate the sequence)."
-        )
+    check_fits(
+        lengths,
+        seq_len,
+        f"seq_len={seq_len}",
+        "a padded batch row cannot hold it (raise seq_len or truncate the sequence).",
+    )
     column = torch.arange(seq_len)
     shift = (seq_len - lengths if side == "left" else torch.zeros_like(lengths))[:, None]
     valid = (column >= shift) & (column < shift + lengths[:, None])

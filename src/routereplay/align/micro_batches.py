@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from routereplay.align.plan import Lengths, TokenPlan, as_lengths, check_size, ragged_arange, starts
+from routereplay.align.plan import (
+    Lengths,
+    TokenPlan,
+    as_lengths,
+    check_fits,
+    check_size,
+    ragged_arange,
+    starts,
+)
 from routereplay.checks import exact_int
 from routereplay.errors import LayoutError, TraceError
 
@@ -106,13 +114,12 @@ def balanced_micro_batches(
     check_size(min_micro_batches, "min_micro_batches")
     lengths = as_lengths(lengths)
     n = lengths.numel()
-    too_long = (lengths > max_tokens).nonzero()
-    if too_long.numel():
-        index = int(too_long[0])
-        raise LayoutError(
-            f"Sequence {index} has {int(lengths[index])} tokens, more than the micro-batch "
-            f"budget of max_tokens={max_tokens}: raise the budget or truncate the sequence."
-        )
+    check_fits(
+        lengths,
+        max_tokens,
+        f"the micro-batch budget of max_tokens={max_tokens}",
+        "raise the budget or truncate the sequence.",
+    )
     if n == 0:
         return MicroBatches((), 0)
     by_length = torch.argsort(lengths, descending=True, stable=True)

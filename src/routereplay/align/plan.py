@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 import torch
 
-from routereplay.errors import LayoutError, TraceError, short_ids
+from routereplay.errors import LayoutError, RouteReplayError, TraceError, short_ids
 from routereplay.trace import RoutingTrace
 
 Lengths = torch.Tensor | np.ndarray[Any, Any] | Sequence[int]
@@ -266,12 +266,11 @@ def restore_trace(
         raise TraceError("Nothing to restore: no pieces were given.")
     first_name, first = named[0][0], named[0][1]
     for name, trace, _ in named:
-        if trace.layers != first.layers or trace.num_experts != first.num_experts:
-            raise TraceError(
-                f"{name} covers layers {list(trace.layers)[:8]} of {trace.num_experts} experts; "
-                f"{first_name} covers {list(first.layers)[:8]} of {first.num_experts}: restore "
-                "one layer slice at a time (or stack_stages first)."
-            )
+        trace.check_compatible(
+            first,
+            names=(name, first_name),
+            fix="restore one layer slice at a time (or stack_stages first).",
+        )
 
     def restored(parts: list[torch.Tensor]) -> torch.Tensor:
         keyed: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor]
@@ -347,6 +346,23 @@ def as_lengths(lengths: Lengths, what: str = "lengths") -> torch.Tensor:
         index = int(negative[0])
         raise TraceError(f"Sequence {index} has length {int(tensor[index])}; {what} are >= 0.")
     return tensor
+
+
+def check_fits(
+    lengths: torch.Tensor,
+    limit: int,
+    limit_name: str,
+    fix: str,
+    error: type[RouteReplayError] = LayoutError,
+) -> None:
+    """Raise `error` naming the first sequence of `lengths` (int64 `[sequences]`) longer
+    than `limit` tokens: "Sequence 2 has 9 tokens, more than {limit_name}: {fix}"."""
+    too_long = (lengths > limit).nonzero()
+    if too_long.numel():
+        index = int(too_long[0])
+        raise error(
+            f"Sequence {index} has {int(lengths[index])} tokens, more than {limit_name}: {fix}"
+        )
 
 
 def check_size(size: int, name: str) -> None:

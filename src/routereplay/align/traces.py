@@ -17,6 +17,7 @@ from routereplay.align.plan import (
     Lengths,
     TokenPlan,
     as_lengths,
+    check_fits,
     layer_runs,
     restore,
     token_rows,
@@ -46,17 +47,11 @@ def concat_traces(
                 f"Sequence {index}'s trace has token axes {list(trace.token_shape)}; a "
                 "per-sequence trace is [tokens, layers, top_k]."
             )
-        if (trace.layers, trace.top_k, trace.num_experts) != (
-            first.layers,
-            first.top_k,
-            first.num_experts,
-        ):
-            raise TraceError(
-                f"Sequence {index}'s trace covers layers {_short(trace.layers)} with top_k="
-                f"{trace.top_k} of {trace.num_experts} experts; sequence 0's covers "
-                f"{_short(first.layers)} with top_k={first.top_k} of {first.num_experts}. "
-                "Convert every trace to the same layers first (RoutingTrace.select_layers)."
-            )
+        trace.check_compatible(
+            first,
+            names=(f"Sequence {index}'s trace", "sequence 0's"),
+            fix="convert every trace to the same layers first (RoutingTrace.select_layers).",
+        )
     found = torch.tensor([trace.experts.shape[0] for trace in traces], dtype=torch.int64)
     if lengths is not None:
         _check_lengths(as_lengths(lengths), found, "the lengths say")
@@ -165,7 +160,13 @@ def _unpadding_plan(
     rows, seq_len = batch.token_shape
     if lengths.numel() != rows:
         raise TraceError(f"The batch has {rows} rows; {lengths.numel()} lengths were given.")
-    _check_fits(lengths, seq_len)
+    check_fits(
+        lengths,
+        seq_len,
+        f"the {seq_len} a batch row holds",
+        "the lengths do not belong to this batch.",
+        TraceError,
+    )
     return pad_plan(lengths, seq_len, side=side)
 
 
@@ -278,17 +279,13 @@ def stack_stages(stages: Sequence[RoutingTrace], layout: MoELayout | None = None
     first = stages[0]
     owner: dict[int, int] = {}
     for index, stage in enumerate(stages):
-        if (stage.token_shape, stage.top_k, stage.num_experts) != (
-            first.token_shape,
-            first.top_k,
-            first.num_experts,
-        ):
-            raise TraceError(
-                f"Stage slice {index} has token axes {list(stage.token_shape)}, top_k="
-                f"{stage.top_k}, {stage.num_experts} experts; slice 0 has "
-                f"{list(first.token_shape)}, top_k={first.top_k}, {first.num_experts}: "
-                "stack slices of one piece of one batch."
-            )
+        stage.check_compatible(
+            first,
+            names=(f"Stage slice {index}", "slice 0"),
+            fix="stack slices of one piece of one batch.",
+            layers=False,
+            token_shape=True,
+        )
         for layer in stage.layers:
             if layer in owner:
                 raise TraceError(
@@ -343,14 +340,4 @@ def _check_lengths(lengths: torch.Tensor, found: torch.Tensor, said: str) -> Non
         raise TraceError(
             f"Sequence {index}'s trace has {int(found[index])} tokens; {said} "
             f"{int(lengths[index])}. Traces and layout must describe the same sequences."
-        )
-
-
-def _check_fits(lengths: torch.Tensor, seq_len: int) -> None:
-    too_long = (lengths > seq_len).nonzero()
-    if too_long.numel():
-        index = int(too_long[0])
-        raise TraceError(
-            f"Sequence {index} has length {int(lengths[index])}, but the batch rows hold "
-            f"{seq_len} tokens: the lengths do not belong to this batch."
         )

@@ -24,7 +24,6 @@ import torch
 
 from routereplay.checks import exact_int
 from routereplay.errors import LayoutError, TraceError
-from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
 from routereplay.rollout import Rollout
 from routereplay.trace import NO_ROUTE, RoutingTrace
@@ -212,17 +211,18 @@ class Conversation:
 
     def _check_turn(self, turn: RoutingTrace, where: str) -> None:
         layout = self.layout
-        if (
-            len(turn.token_shape) != 1
-            or turn.layers != layout.moe_layers
-            or turn.num_experts != layout.num_experts
-            or turn.top_k != layout.top_k
-        ):
+        shape = f"[tokens, {len(layout.moe_layers)} routed layers, top_k={layout.top_k}]"
+        if len(turn.token_shape) != 1:
             raise TraceError(
-                f"{where}: a turn is a trace [tokens, {len(layout.moe_layers)} routed layers, "
-                f"top_k={layout.top_k}] over layers {_short(layout.moe_layers)} with "
-                f"{layout.num_experts} experts; found {turn!r}."
+                f"{where}: a turn is a trace {shape}; found token axes "
+                f"{list(turn.token_shape)}: give one sequence's trace."
             )
+        turn.check_compatible(
+            layout,
+            names=(f"{where}: the turn", f"the conversation's {layout.family} layout"),
+            fix=f"a turn is a trace {shape} over the layout's routed layers; decode it "
+            "with this conversation's layout.",
+        )
 
     def _where(self) -> str:
         return f"{describe(self.source, self.sequence)}, turn {self.num_turns}"
