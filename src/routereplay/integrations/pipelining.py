@@ -1,12 +1,9 @@
 """Replay under PyTorch's own pipeline engine (`torch.distributed.pipelining`).
 
-A transformers MoE causal LM is split into `StageModule`s, torchtitan style: each
-keeps its decoder layers in an `nn.ModuleDict` under their global ids, the first
-stage keeps the embeddings, the last the final norm and `lm_head`, and every stage
-recomputes position ids, rotary `(cos, sin)` and the causal mask from its input.
-The stages reference the modules of the full model (nothing is copied), so
-`routereplay.attach(model)` on the full model, before or after splitting, keys every
-router by its global layer.
+The model is cut into stages by `integrations.hf_stages` (`split_model`,
+`StageModule`); this module runs them under a `ReplayController`. The stages
+reference the modules of the full model, so `routereplay.attach(model)` on the full
+model, before or after splitting, keys every router by its global layer.
 
 Micro-batch identity comes from the schedule itself: `ReplayPipelineStage` publishes
 the chunk id the schedule passes to `forward_one_chunk`, `backward_one_chunk` and
@@ -37,115 +34,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.utils.checkpoint import checkpoint
 
 from routereplay.align import stack_stages
 from routereplay.controller import Mode, ReplayController
-from routereplay.errors import LayoutError, ReplayError, RouteReplayError
+from routereplay.errors import ReplayError, RouteReplayError
 from routereplay.errors import short_ids as _short
 from routereplay.integrations.agreement import agree_on_checks
+from routereplay.integrations.hf_stages import StageModule, split_model
 from routereplay.layout import MoELayout
-from routereplay.pipeline_split import PipelineSplit
 from routereplay.recording import MicroBatch, Recording
 from routereplay.trace import RoutingTrace
 
-
-class StageModule(nn.Module):
-    """One pipeline stage of a transformers causal LM.
-
-    First stage: input ids `[batch, seq]` (int64) -> hidden states `[batch, seq,
-    hidden]`; middle stages: hidden -> hidden; last stage: hidden -> logits `[batch,
-    seq, vocab]`. Full sequences only: no attention mask, no KV cache.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: Sequence[int],
-        *,
-        first: bool,
-        last: bool,
-        checkpoint_layers: bool = False,
-    ) -> None:
-        super().__init__()
-        decoder: Any = model.model
-        self.config: Any = model.config
-        self.global_layers = tuple(layers)
-        # Global ids as names: routers stay at `layers.<global id>.mlp.gate`.
-        self.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in self.global_layers})
-        self.embed_tokens: nn.Module | None = decoder.embed_tokens if first else None
-        self.norm: nn.Module | None = decoder.norm if last else None
-        self.lm_head: nn.Module | None = model.lm_head if last else None  # type: ignore[assignment]
-        # Rotary holds no parameters (inv_freq is a buffer): every stage may share it.
-        self.rotary_emb: nn.Module = decoder.rotary_emb
-        self.checkpoint_layers = checkpoint_layers
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
-        hidden = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
-        seq = hidden.shape[1]
-        position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            cache=None,
-            position_ids=position_ids,
-        )
-        position_embeddings = self.rotary_emb(hidden, position_ids)
-        for layer in self.layers.values():
-            kwargs = {
-                "position_embeddings": position_embeddings,
-                "attention_mask": mask,
-                "position_ids": position_ids,
-            }
-            if self.checkpoint_layers and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, use_reentrant=False, **kwargs)
-            else:
-                hidden = layer(hidden, **kwargs)
-        if self.norm is not None:
-            hidden = self.norm(hidden)
-        if self.lm_head is not None:
-            hidden = self.lm_head(hidden)
-        return hidden
-
-
-def stage_layers(layout: MoELayout, num_stages: int, stage_index: int) -> tuple[int, ...]:
-    """Global decoder layers of `stage_index` of `num_stages`, in the loop layout
-    (stage s runs on rank s % pp_size), as megatron-core places (pp_rank, vp_stage)."""
-    if not 0 <= stage_index < num_stages:
-        raise LayoutError(f"Stage {stage_index} is outside the {num_stages} pipeline stages.")
-    return layout.stage_layers(PipelineSplit(pp_size=num_stages), stage_index)
-
-
-def split_model(
-    model: nn.Module,
-    pp_size: int,
-    pp_rank: int,
-    *,
-    stages_per_rank: int = 1,
-    checkpoint_layers: bool = False,
-) -> dict[int, StageModule]:
-    """This rank's stages of `model`, by stage index: `pp_rank`, `pp_rank + pp_size`, ...
-
-    `checkpoint_layers` wraps every decoder layer in `torch.utils.checkpoint`
-    (non-reentrant); transformers' `gradient_checkpointing_enable()` on the full model
-    works too, the stages run its layers.
-    """
-    layout = MoELayout.from_hf_config(model.config)
-    num_stages = pp_size * stages_per_rank
-    stages = {}
-    for virtual in range(stages_per_rank):
-        index = virtual * pp_size + pp_rank
-        stages[index] = StageModule(
-            model,
-            stage_layers(layout, num_stages, index),
-            first=index == 0,
-            last=index == num_stages - 1,
-            checkpoint_layers=checkpoint_layers,
-        )
-    return stages
+__all__ = [
+    "ReplayPipelineStage",
+    "StageModule",
+    "build_stages",
+    "check_stage_routes",
+    "gather_recording",
+    "pipeline_replay",
+    "sequence_traces",
+    "split_model",
+    "split_routes",
+]
 
 
 class ReplayPipelineStage(PipelineStage):
@@ -326,7 +236,6 @@ def pipeline_replay(
         raise ReplayError("pipeline_replay() needs this rank's stages; none were given.")
     failure: Exception | None = None
     try:
-        stages[0].controller.check_routes(dict(routes))  # what replay() checks on entry
         for stage in stages:
             check_stage_routes(stage, routes, num_micro_batches)
         if input_ids is not None:
@@ -344,8 +253,14 @@ def pipeline_replay(
 def check_stage_routes(
     stage: ReplayPipelineStage, routes: Mapping[int, RoutingTrace], num_micro_batches: int
 ) -> None:
-    """Raise if `stage` would not find, for every micro-batch and routed layer it owns,
-    routes with one row per token of its micro-batch."""
+    """Raise if replaying `routes` would fail in `stage`: what `replay()` checks on entry
+    (`ReplayController.check_routes`: each trace against the layout, its ids), then
+    that the stage finds, for every micro-batch and routed layer it owns, routes with
+    one row per token of its micro-batch. Errors name the stage and its pp_rank."""
+    try:
+        stage.controller.check_routes(routes)
+    except ReplayError as error:
+        raise ReplayError(f"{stage.where}: {error}") from error
     extra = [mb for mb in routes if mb not in range(num_micro_batches)]
     if extra:
         raise ReplayError(
