@@ -21,7 +21,6 @@ import torch
 from routereplay.checks import exact_int, exact_ints
 from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
-from routereplay.id_checks import has_partial_rows, has_repeated_rows, id_range, repeated_mask
 from routereplay.layout import MoELayout
 
 NO_ROUTE = -1
@@ -142,17 +141,16 @@ class RoutingTrace:
                 f"top_k={self.top_k} is more than num_experts={self.num_experts}: "
                 "a row cannot hold that many distinct experts."
             )
-        # Yes/no questions first (a few fast passes); the masks only to name the row.
-        if has_partial_rows(experts):
-            missing = experts == NO_ROUTE
-            partial = missing.any(-1) & ~missing.all(-1)
+        missing = experts == NO_ROUTE
+        partial = missing.any(-1) & ~missing.all(-1)
+        if partial.any():
             raise TraceError(
                 f"{_where(partial, layers)} mixes -1 with expert ids "
                 f"{experts[_first(partial)].tolist()}: a row is either all -1 (no route) "
                 "or fully routed."
             )
-        if has_repeated_rows(experts):
-            repeated = repeated_mask(experts) & (experts[..., 0] != NO_ROUTE)
+        repeated = _repeated(experts) & ~missing[..., 0]
+        if repeated.any():
             raise TraceError(
                 f"{_where(repeated, layers)} routes to the same expert twice: "
                 f"{experts[_first(repeated)].tolist()}. A token picks top_k distinct experts; "
@@ -429,9 +427,6 @@ def _as_token_ids(
 def _check_range(experts: torch.Tensor, layers: Sequence[int], num_experts: int) -> None:
     # torch casts a Python int to the tensor's dtype before comparing: 128 would become
     # -128 in int8. Where num_experts exceeds the dtype, no stored id can reach it.
-    low, high = id_range(experts)
-    if low >= NO_ROUTE and high < num_experts:
-        return
     bad = experts < NO_ROUTE
     if num_experts <= torch.iinfo(experts.dtype).max:
         bad |= experts >= num_experts
@@ -478,6 +473,21 @@ def _check_capture(routed: torch.Tensor, layers: Sequence[int], source: str) -> 
             "array: that is a broken capture (routing not recorded), not routing. Check "
             "that the engine's routed-experts capture is bound to this model's MoE layers."
         )
+
+
+def _repeated(experts: torch.Tensor) -> torch.Tensor:
+    """`[..., layers]` bool: rows of `experts [..., layers, top_k]` with an id twice."""
+    top_k = experts.shape[-1]
+    if top_k > 16:
+        ordered = experts.sort(dim=-1).values
+        return (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+    # Comparing column pairs is several times faster than sorting tiny rows.
+    columns = experts.unbind(-1)
+    repeated = torch.zeros(experts.shape[:-1], dtype=torch.bool, device=experts.device)
+    for i in range(top_k):
+        for j in range(i + 1, top_k):
+            repeated |= columns[i] == columns[j]
+    return repeated
 
 
 def _first(mask: torch.Tensor) -> tuple[int, ...]:
