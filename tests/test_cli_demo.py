@@ -18,8 +18,8 @@ def test_demo_prints_the_table_and_writes_json_and_a_plot(
     args = ["demo", "--steps", "1", "--json", str(out), "--plot", str(picture)]
     assert main(args) == EXIT_OK
     table = capsys.readouterr().out
-    for mode in ("none", "R2", "R3"):
-        assert f"\n{mode} " in table
+    for scheme in ("none", "R2", "R3"):
+        assert f"\n{scheme} " in table
     result = json.loads(out.read_text())
     assert list(result["modes"]) == ["none", "R2", "R3"]
     assert result["modes"]["R3"]["summary"]["routing_disagreement"] == 0.0

@@ -10,14 +10,14 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from routereplay.demo import MODES, GRPOSettings, WarmUp, kl_ratios, plot, render_table, run_demo
+from routereplay.demo import SCHEMES, GRPOSettings, WarmUp, kl_ratios, plot, render_table, run_demo
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def result() -> dict[str, Any]:
-    """A short demo: 6 GRPO steps of 64 sequences per mode (about 10 s on 2 cores)."""
+    """A short demo: 6 GRPO steps of 64 sequences per scheme (about 10 s on 2 cores)."""
     return run_demo(steps=STEPS, seed=0, grpo=GRPOSettings(prompts_per_step=8))
 
 
@@ -29,7 +29,7 @@ def small_run(seed: int = 0) -> dict[str, Any]:
         model_config={"n_routed_experts": 8, "n_group": 2, "topk_group": 1, "hidden_size": 32},
         grpo=GRPOSettings(prompts_per_step=4, group_size=4),
         warm_up=WarmUp(steps=10, batch_size=16),
-        modes=("R3",),
+        schemes=("R3",),
     )
 
 
@@ -41,8 +41,8 @@ def without_timings(value: Any) -> Any:
     return value
 
 
-def test_every_mode_reports_every_step(result: dict[str, Any]) -> None:
-    assert list(result["modes"]) == list(MODES)
+def test_every_scheme_reports_every_step(result: dict[str, Any]) -> None:
+    assert list(result["modes"]) == list(SCHEMES)
     for run in result["modes"].values():
         assert [r["step"] for r in run["steps"]] == list(range(STEPS))
         assert all(r["routing_pairs"] > 0 and r["mismatch"]["tokens"] > 0 for r in run["steps"])
@@ -67,15 +67,15 @@ def test_under_r3_the_trainers_own_router_would_have_disagreed(result: dict[str,
 def test_without_replay_the_trainer_routes_differently_from_the_engine(
     result: dict[str, Any],
 ) -> None:
-    for mode in ("none", "R2"):
-        assert result["modes"][mode]["summary"]["routing_disagreement"] > 0
+    for scheme in ("none", "R2"):
+        assert result["modes"][scheme]["summary"]["routing_disagreement"] > 0
 
 
 def test_r3_lowers_the_training_inference_kl(result: dict[str, Any], record_property: Any) -> None:
     # Measured at this size over seeds 0-5: none / R3 = 1.9x to 28x (7.3x for seed 0);
     # at the demo's defaults 12x. The ratio is heavy-tailed (a few flipped routes move
     # a token's log-prob a lot), so only the direction is asserted; the ratio is recorded.
-    k3 = {mode: run["summary"]["mismatch"]["k3_kl"] for mode, run in result["modes"].items()}
+    k3 = {scheme: run["summary"]["mismatch"]["k3_kl"] for scheme, run in result["modes"].items()}
     record_property("k3_kl_ratios", kl_ratios(result))
     assert k3["R3"] < k3["none"]
 
@@ -90,10 +90,10 @@ def test_the_result_is_plain_json(result: dict[str, Any]) -> None:
     assert json.loads(json.dumps(result, allow_nan=False)) == result
 
 
-def test_the_table_has_a_row_per_mode(result: dict[str, Any]) -> None:
+def test_the_table_has_a_row_per_scheme(result: dict[str, Any]) -> None:
     table = render_table(result)
     rows = {line.split()[0] for line in table.splitlines() if line.strip()}
-    assert set(MODES) <= rows
+    assert set(SCHEMES) <= rows
     assert "k3 KL none / R2" in table
 
 
@@ -124,7 +124,7 @@ def test_the_default_demo_cuts_the_k3_kl_at_least_twofold_under_r3() -> None:
         default = json.loads(json.dumps(run_demo()))
     finally:
         torch.set_num_threads(threads)
-    summary = {mode: default["modes"][mode]["summary"] for mode in MODES}
+    summary = {scheme: default["modes"][scheme]["summary"] for scheme in SCHEMES}
     assert summary["R3"]["routing_disagreement"] == 0.0
     assert summary["R3"]["counterfactual_disagreement"] > 0
     assert summary["none"]["mismatch"]["k3_kl"] >= 2 * summary["R3"]["mismatch"]["k3_kl"]

@@ -33,8 +33,8 @@ def add(commands: Commands) -> None:
             "and --plot keep every number and a picture. About a minute on 2 CPU cores."
         ),
     )
-    command.add_argument("--steps", type=int, default=None, help="GRPO steps per mode (40)")
-    command.add_argument("--seed", type=int, default=0, help="one seed for every mode")
+    command.add_argument("--steps", type=int, default=None, help="GRPO steps per scheme (40)")
+    command.add_argument("--seed", type=int, default=0, help="one seed for every scheme")
     command.add_argument(
         "--model-config",
         type=Path,

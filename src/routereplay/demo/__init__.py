@@ -19,7 +19,7 @@ trainer learns in fp32, and its routers run
 Needs transformers (`pip install routereplay[hf]`).
 """
 
-from routereplay.demo.grpo import MODES, GRPOSettings, Mode
+from routereplay.demo.grpo import SCHEMES, GRPOSettings, Scheme
 from routereplay.demo.model import DEFAULT_MODEL_CONFIG, WarmUp
 from routereplay.demo.report import kl_ratios, plot, render_table
 from routereplay.demo.run import DEFAULT_STEPS, Progress, run_demo
@@ -28,10 +28,10 @@ from routereplay.demo.task import SortDigits
 __all__ = [
     "DEFAULT_MODEL_CONFIG",
     "DEFAULT_STEPS",
-    "MODES",
+    "SCHEMES",
     "GRPOSettings",
-    "Mode",
     "Progress",
+    "Scheme",
     "SortDigits",
     "WarmUp",
     "kl_ratios",

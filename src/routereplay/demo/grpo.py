@@ -3,7 +3,7 @@
 Every step: the bf16 engine samples `group_size` completions per prompt and records
 their routes; the fp32 trainer scores them (the log-prob pass), then takes a
 PPO-style clipped step per mini-batch with the importance ratio against the
-rollout's log-probs. The mode decides which experts the trainer's routers use:
+rollout's log-probs. The scheme decides which experts the trainer's routers use:
 
     none   native routing everywhere.
     R2     record routes in the log-prob pass, replay them in the update passes.
@@ -38,8 +38,8 @@ from routereplay.metrics import (
 from routereplay.rollout import Rollout
 from routereplay.trace import NO_ROUTE, RoutingTrace
 
-Mode = Literal["none", "R2", "R3"]
-MODES: tuple[Mode, ...] = ("none", "R2", "R3")
+Scheme = Literal["none", "R2", "R3"]
+SCHEMES: tuple[Scheme, ...] = ("none", "R2", "R3")
 StepCallback = Callable[[int], None]
 
 
@@ -201,8 +201,8 @@ def clipped_objective(
     return loss, clipped.sum() / mask.sum()
 
 
-def run_mode(
-    mode: Mode,
+def run_scheme(
+    scheme: Scheme,
     pretrained: nn.Module,
     task: SortDigits,
     settings: GRPOSettings,
@@ -210,8 +210,8 @@ def run_mode(
     seed: int,
     on_step: StepCallback | None = None,
 ) -> list[dict[str, Any]]:
-    """GRPO from `pretrained` (left untouched) for `steps` steps in `mode`; one report
-    per step. Prompts and sampling seeds depend on (seed, step) only, so every mode
+    """GRPO from `pretrained` (left untouched) for `steps` steps in `scheme`; one report
+    per step. Prompts and sampling seeds depend on (seed, step) only, so every scheme
     starts from the same rollouts."""
     trainer = copy.deepcopy(pretrained)
     # The engine copies the model: build it before attach() patches the trainer's
@@ -223,7 +223,9 @@ def run_mode(
     try:
         for step in range(steps):
             reports.append(
-                grpo_step(mode, trainer, controller, engine, optimizer, task, settings, seed, step)
+                grpo_step(
+                    scheme, trainer, controller, engine, optimizer, task, settings, seed, step
+                )
             )
             if on_step is not None:
                 on_step(step + 1)
@@ -233,7 +235,7 @@ def run_mode(
 
 
 def grpo_step(
-    mode: Mode,
+    scheme: Scheme,
     trainer: nn.Module,
     controller: ReplayController,
     engine: RecordingEngine,
@@ -265,22 +267,22 @@ def grpo_step(
 
     # The log-prob pass: what the trainer thinks of the sampled tokens before updating.
     routing: AbstractContextManager[Any] = nullcontext()
-    if mode == "R2":
+    if scheme == "R2":
         routing = controller.record()
-    elif mode == "R3":
+    elif scheme == "R3":
         routing = controller.replay(batch.routes)
     with torch.no_grad(), expert_inputs(trainer, controller) as used, routing as recording:
         logprobs = token_logprobs(trainer, batch, settings.temperature)
-    counterfactual = _counterfactual(controller) if mode == "R3" else None
+    counterfactual = _counterfactual(controller) if scheme == "R3" else None
     trainer_routes = used.trace(padding)
     floor = noise_floor(trainer, controller, batch, settings)
     routes_to_replay: RoutingTrace | None = None
-    if mode == "R2":
+    if scheme == "R2":
         routes_to_replay = recording.trace
-    elif mode == "R3":
+    elif scheme == "R3":
         routes_to_replay = batch.routes
 
-    # The update: one clipped step per mini-batch, shuffled the same way in every mode.
+    # The update: one clipped step per mini-batch, shuffled the same way in every scheme.
     order = torch.randperm(len(rollouts), generator=generator)
     update_stats: list[LayerStats] = []
     losses, clipped = [], []

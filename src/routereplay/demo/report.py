@@ -19,7 +19,7 @@ floor           two fp32 trainer passes (whole batch vs per-group micro-batches)
 
 
 def render_table(result: dict[str, Any]) -> str:
-    """A summary of `run_demo`'s result: per mode, means over steps."""
+    """A summary of `run_demo`'s result: per scheme, means over steps."""
     settings = result["settings"]
     config = settings["model_config"]
     grpo = settings["grpo"]
@@ -46,11 +46,11 @@ def render_table(result: dict[str, Any]) -> str:
         "floor routing",
     )
     rows = [columns]
-    for mode, run in result["modes"].items():
+    for scheme, run in result["modes"].items():
         s = run["summary"]
         rows.append(
             (
-                mode,
+                scheme,
                 _number(s["reward"], "{:.3f}"),
                 _percent(s["routing_disagreement"]),
                 _percent(s["counterfactual_disagreement"]),
@@ -80,23 +80,23 @@ def render_table(result: dict[str, Any]) -> str:
 
 
 def kl_ratios(result: dict[str, Any]) -> dict[str, str]:
-    """Mean k3 KL of "none" over that of each replay mode, as text ("12.3x")."""
-    modes = result["modes"]
-    if "none" not in modes:
+    """Mean k3 KL of "none" over that of each replay scheme, as text ("12.3x")."""
+    schemes = result["modes"]
+    if "none" not in schemes:
         return {}
-    baseline = modes["none"]["summary"]["mismatch"]["k3_kl"]
+    baseline = schemes["none"]["summary"]["mismatch"]["k3_kl"]
     ratios = {}
-    for mode in modes:
-        if mode == "none":
+    for scheme in schemes:
+        if scheme == "none":
             continue
-        k3 = modes[mode]["summary"]["mismatch"]["k3_kl"]
-        ratios[mode] = f"{baseline / k3:.1f}x" if k3 else "inf"
+        k3 = schemes[scheme]["summary"]["mismatch"]["k3_kl"]
+        ratios[scheme] = f"{baseline / k3:.1f}x" if k3 else "inf"
     return ratios
 
 
 def plot(result: dict[str, Any], path: str | Path) -> Path:
-    """Write a PNG: (a) routing disagreement per routed layer and mode, (b) k3 KL per
-    step and mode. Needs matplotlib (`pip install routereplay[plot]`)."""
+    """Write a PNG: (a) routing disagreement per routed layer and scheme, (b) k3 KL per
+    step and scheme. Needs matplotlib (`pip install routereplay[plot]`)."""
     try:
         import matplotlib
 
@@ -105,16 +105,16 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     except ImportError as error:
         raise ImportError("plot() needs matplotlib: pip install 'routereplay[plot]'.") from error
 
-    modes = result["modes"]
+    schemes = result["modes"]
     layers = [str(layer) for layer in result["settings"]["moe_layers"]]
     figure, (by_layer, by_step) = plt.subplots(1, 2, figsize=(11, 4.2))
 
     series = []  # (label, percent per layer, hatched)
-    for mode, run in modes.items():
+    for scheme, run in schemes.items():
         summary = run["summary"]
-        series.append((f"{mode}: engine vs trainer", summary["routing_per_layer"], False))
+        series.append((f"{scheme}: engine vs trainer", summary["routing_per_layer"], False))
         if summary["counterfactual_per_layer"] is not None:
-            label = f"{mode}: counterfactual (trainer's own router)"
+            label = f"{scheme}: counterfactual (trainer's own router)"
             series.append((label, summary["counterfactual_per_layer"], True))
     width = 0.8 / len(series)
     for index, (label, per_layer, hatched) in enumerate(series):
@@ -129,9 +129,11 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     by_layer.set_title("(a) routing disagreement per routed layer")
     by_layer.legend(fontsize=8)
 
-    for mode, run in modes.items():
+    for scheme, run in schemes.items():
         steps = [r["step"] for r in run["steps"]]
-        by_step.plot(steps, [r["mismatch"]["k3_kl"] for r in run["steps"]], marker=".", label=mode)
+        by_step.plot(
+            steps, [r["mismatch"]["k3_kl"] for r in run["steps"]], marker=".", label=scheme
+        )
     by_step.set_yscale("log")
     by_step.set_xlabel("GRPO step")
     by_step.set_ylabel("k3 KL, trainer vs rollout log-probs")

@@ -1,4 +1,4 @@
-"""`run_demo`: warm the tiny model up once, then run the same GRPO steps three ways."""
+"""`run_demo`: warm the tiny model up once, then run the same GRPO steps per scheme."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from routereplay.demo.grpo import MODES, GRPOSettings, Mode, run_mode
+from routereplay.demo.grpo import SCHEMES, GRPOSettings, Scheme, run_scheme
 from routereplay.demo.model import DEFAULT_MODEL_CONFIG, WarmUp, build_model, warm_up_model
 from routereplay.demo.task import SortDigits
 from routereplay.layout import MoELayout
 
 Progress = Callable[[str, int, int], None]
-"""`progress(phase, done, total)`: phase is "warm-up" or a mode name; called as each
+"""`progress(phase, done, total)`: phase is "warm-up" or a scheme name; called as each
 phase starts (done = 0) and after every step."""
 
 DEFAULT_STEPS = 40
@@ -31,21 +31,21 @@ def run_demo(
     grpo: GRPOSettings | None = None,
     warm_up: WarmUp | None = None,
     task: SortDigits | None = None,
-    modes: Sequence[Mode] = MODES,
+    schemes: Sequence[Scheme] = SCHEMES,
 ) -> dict[str, Any]:
     """Warm up a tiny DeepSeek-V3-style model, then run `steps` GRPO steps from it in
-    each of `modes`, all with the same prompts and sampling seeds.
+    each of `schemes`, all with the same prompts and sampling seeds.
 
     `model_config` overrides fields of `DEFAULT_MODEL_CONFIG` (any
     `transformers.DeepseekV3Config` field). Returns plain JSON data: "settings",
-    "warm_up", and per mode under "modes" its "steps" (one report each, see
+    "warm_up", and per scheme under "modes" its "steps" (one report each, see
     `grpo.step_report`) and "summary" (means over steps), plus "seconds".
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, found {steps}.")
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
-        raise ValueError(f"Unknown modes {unknown}; choose from {list(MODES)}.")
+        raise ValueError(f"Unknown schemes {unknown}; choose from {list(SCHEMES)}.")
     grpo = grpo or GRPOSettings()
     warm_up = warm_up or WarmUp()
     task = task or SortDigits()
@@ -62,18 +62,18 @@ def run_demo(
         warmed = warm_up_model(model, task, warm_up, seed)
         report("warm-up", warm_up.steps, warm_up.steps)
         layout = MoELayout.from_hf_config(model.config)
-        for mode in modes:
-            report(mode, 0, steps)
-            mode_start = time.perf_counter()
+        for scheme in schemes:
+            report(scheme, 0, steps)
+            scheme_start = time.perf_counter()
 
-            def on_step(done: int, mode: str = mode) -> None:
-                report(mode, done, steps)
+            def on_step(done: int, scheme: str = scheme) -> None:
+                report(scheme, done, steps)
 
-            reports = run_mode(mode, model, task, grpo, steps, seed, on_step)
-            results[mode] = {
+            reports = run_scheme(scheme, model, task, grpo, steps, seed, on_step)
+            results[scheme] = {
                 "steps": reports,
                 "summary": summarise(reports),
-                "seconds": time.perf_counter() - mode_start,
+                "seconds": time.perf_counter() - scheme_start,
             }
 
     config = {**DEFAULT_MODEL_CONFIG, **(model_config or {})}
@@ -81,7 +81,7 @@ def run_demo(
         "settings": {
             "steps": steps,
             "seed": seed,
-            "modes": list(modes),
+            "modes": list(schemes),
             "model_config": config,
             "moe_layers": list(layout.moe_layers),
             "num_experts": layout.num_experts,
@@ -112,7 +112,7 @@ MISMATCH_FIELDS = ("mean_abs_delta", "k3_kl", "direct_kl", "extreme_fraction", "
 
 
 def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over steps of each number (None where a mode has none), and per layer."""
+    """Means over steps of each number (None where a scheme has none), and per layer."""
     summary: dict[str, Any] = {key: _mean([r[key] for r in reports]) for key in SUMMARY_FIELDS}
     summary["mismatch"] = {
         key: _mean([r["mismatch"][key] for r in reports]) for key in MISMATCH_FIELDS
