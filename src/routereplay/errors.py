@@ -24,6 +24,11 @@ class TraceFileError(RouteReplayError):
     """A trace file that cannot be read (damaged, truncated, foreign) or written."""
 
 
+class SetupError(RouteReplayError):
+    """A trainer or engine setup router replay cannot serve: an unknown replay mode, or
+    a generation path that returns no routes (R3 needs the rollout's)."""
+
+
 def short_ids(ids: Sequence[int]) -> str:
     """A list of layer or row ids for a message: in full when short, elided when long."""
     ids = list(ids)
