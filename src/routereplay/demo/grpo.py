@@ -1,46 +1,70 @@
 """A minimal GRPO loop with router replay: an example of use, not a framework.
 
-Every step: the bf16 engine samples `group_size` completions per prompt and records
-their routes; the fp32 trainer scores them (the log-prob pass), then takes a
-PPO-style clipped step per mini-batch with the importance ratio against the
-rollout's log-probs. The scheme decides which experts the trainer's routers use:
+Every step does three things, one function each:
 
-    none   native routing everywhere.
-    R2     record routes in the log-prob pass, replay them in the update passes.
-    R3     replay the engine's routes in the log-prob pass and the update passes.
+    sample  the bf16 engine samples `group_size` completions per prompt and records
+            their routes; the task rewards each completion.
+    score   the fp32 trainer's log-prob pass: what it thinks of the sampled tokens
+            before updating.
+    update  one PPO-style clipped step per mini-batch, the importance ratio against
+            the rollout's log-probs.
 
-Everything the demo reports is measured here, step by step (see `step_report`).
+The scheme decides where the trainer's routers take their experts from (`ROUTING`):
+
+    scheme  log-prob pass                   update passes
+    none    native                          native
+    R2      native, recorded                replay the log-prob pass's routes
+    R3      replay the engine's routes      replay the engine's routes
+
+The trainer is one framework's, behind `trainer.Trainer`. Everything the demo
+reports is measured here, step by step (see `step_report`).
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
-from routereplay.align import pad_traces
 from routereplay.controller import LayerStats, ReplayController
-from routereplay.demo.task import EOS, PAD, SortDigits
+from routereplay.demo.task import EOS, SortDigits
+from routereplay.demo.trainer import RecordedRoutes, Trainer, TrainerBatch
 from routereplay.engines.hf import RecordingEngine, SamplingParams
-from routereplay.integrations.hf import attach
 from routereplay.metrics import (
     LogProbMismatch,
     RoutingAgreement,
+    counterfactual_disagreement,
     logprob_mismatch,
     routing_agreement,
 )
 from routereplay.rollout import Rollout
-from routereplay.trace import NO_ROUTE, RoutingTrace
+from routereplay.trace import RoutingTrace
 
 Scheme = Literal["none", "R2", "R3"]
 SCHEMES: tuple[Scheme, ...] = ("none", "R2", "R3")
 StepCallback = Callable[[int], None]
+
+LogProbRouting = Literal["native", "record", "replay engine"]
+UpdateRouting = Literal["native", "replay recorded", "replay engine"]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which pass of a step records routes, and which passes replay whose."""
+
+    logprob_pass: LogProbRouting
+    update_passes: UpdateRouting
+
+
+ROUTING: dict[Scheme, Routing] = {
+    "none": Routing(logprob_pass="native", update_passes="native"),
+    "R2": Routing(logprob_pass="record", update_passes="replay recorded"),
+    "R3": Routing(logprob_pass="replay engine", update_passes="replay engine"),
+}
 
 
 @dataclass(frozen=True)
@@ -56,121 +80,215 @@ class GRPOSettings:
 
 
 @dataclass(frozen=True)
-class TrainerBatch:
-    """Rollouts as the trainer sees them: prompt + completion, right-padded.
+class GRPORun:
+    """One scheme's training: its trainer, the engine sampling for it, and what every
+    scheme shares. Prompts and sampling seeds depend on (seed, step) only, so every
+    scheme starts from the same rollouts."""
 
-    input_ids, attention_mask `[sequences, seq]`; position t of the log-prob tensors
-    scores token t + 1, so `completion_mask`, `rollout_logprobs [sequences, seq - 1]`
-    are True / filled where token t + 1 is a sampled one. `routes [sequences, seq,
-    layers, top_k]` holds the engine's routes, -1 on padding and each final token.
-    `prompt_tokens [sequences, seq]` marks prompt positions.
-    """
+    scheme: Scheme
+    trainer: Trainer
+    engine: RecordingEngine
+    task: SortDigits
+    settings: GRPOSettings
+    seed: int
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor
-    rollout_logprobs: torch.Tensor
-    routes: RoutingTrace
-    prompt_tokens: torch.Tensor
+
+@dataclass(frozen=True)
+class Samples:
+    """A step's rollouts, `prompts_per_step` groups of `group_size`, and their rewards
+    `[sequences]`."""
+
+    rollouts: list[Rollout]
+    rewards: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Counterfactual:
+    """Replayed rows where the trainer's own router would have chosen other experts, in
+    the context that just ended: over all routed layers, and per global layer."""
+
+    disagreement: float
+    per_layer: dict[int, float]
 
     @classmethod
-    def from_rollouts(cls, rollouts: list[Rollout]) -> TrainerBatch:
-        width = max(len(r.token_ids) for r in rollouts)
-        shape = (len(rollouts), width)
-        input_ids = torch.full(shape, PAD, dtype=torch.long)
-        attention_mask = torch.zeros(shape, dtype=torch.long)
-        prompt_tokens = torch.zeros(shape, dtype=torch.bool)
-        completion_mask = torch.zeros((shape[0], width - 1), dtype=torch.bool)
-        rollout_logprobs = torch.zeros((shape[0], width - 1))
-        for row, rollout in enumerate(rollouts):
-            prompt, total = len(rollout.prompt_ids), len(rollout.token_ids)
-            input_ids[row, :total] = rollout.token_ids
-            attention_mask[row, :total] = 1
-            prompt_tokens[row, :prompt] = True
-            completion_mask[row, prompt - 1 : total - 1] = True
-            if rollout.logprobs is None:
-                raise ValueError("The demo's importance ratios need the engine's log-probs.")
-            rollout_logprobs[row, prompt - 1 : total - 1] = rollout.logprobs
-        traces = [r.routes for r in rollouts]
-        if any(t is None for t in traces):
-            raise ValueError("R3 needs routes: generate the rollouts with record_routes=True.")
-        routes = pad_traces([t for t in traces if t is not None], width, side="right")
-        return cls(
-            input_ids, attention_mask, completion_mask, rollout_logprobs, routes, prompt_tokens
-        )
-
-    def select(self, rows: torch.Tensor) -> TrainerBatch:
-        """The sequences `rows` (int64 `[n]`), for one mini-batch."""
-        return TrainerBatch(
-            self.input_ids[rows],
-            self.attention_mask[rows],
-            self.completion_mask[rows],
-            self.rollout_logprobs[rows],
-            rows_of(self.routes, rows),
-            self.prompt_tokens[rows],
-        )
+    def of(cls, controller: ReplayController) -> Counterfactual:
+        per_layer = counterfactual_disagreement(controller)
+        return cls(controller.totals().disagreement_rate, per_layer)
 
 
-def rows_of(trace: RoutingTrace, rows: torch.Tensor) -> RoutingTrace:
-    """Sequences `rows` of a `[sequences, seq, layers, top_k]` trace."""
-    return trace.select_tokens(rows)
+@dataclass(frozen=True)
+class Scored:
+    """The log-prob pass: `logprobs [sequences, seq - 1]`; `experts`, the ids the
+    trainer's experts received `[sequences, seq, layers, top_k]`; `recorded`, the
+    routes it recorded (R2); `counterfactual` where it replayed (R3)."""
+
+    logprobs: torch.Tensor
+    experts: RoutingTrace
+    recorded: RoutingTrace | None
+    counterfactual: Counterfactual | None
 
 
-def without_rows(trace: RoutingTrace, rows: torch.Tensor) -> RoutingTrace:
-    """`trace` with the token positions `rows` (bool `[sequences, seq]`) set to -1, so
-    that comparisons skip them."""
-    return trace.without_tokens(rows)
+@dataclass(frozen=True)
+class NoiseFloor:
+    """Two native fp32 trainer passes over the same tokens, compared."""
+
+    routing: RoutingAgreement
+    mismatch: LogProbMismatch
 
 
-class ExpertInputs:
-    """The expert ids each routed layer's `mlp.experts` received, whoever chose them:
-    an independent check that replayed ids reached the experts."""
+@dataclass(frozen=True)
+class Updated:
+    """The update: loss averaged over mini-batches, the share of clipped ratios in the
+    first mini-batch, and the replay counters of each mini-batch (none if native)."""
 
-    def __init__(self, model: nn.Module, layers: tuple[int, ...], num_experts: int) -> None:
-        self.layers, self.num_experts = layers, num_experts
-        self.calls: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-        decoder: Any = model.model.layers  # type: ignore[union-attr]
-        self._hooks = [
-            decoder[layer].mlp.experts.register_forward_pre_hook(self._log(layer), with_kwargs=True)
-            for layer in layers
-        ]
+    loss: float
+    clipped_fraction: float
+    replay_totals: list[LayerStats]
 
-    def _log(self, layer: int) -> Callable[..., None]:
-        def log(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            self.calls[layer].append(ids.detach().clone())
 
-        return log
+def train(run: GRPORun, steps: int, on_step: StepCallback | None = None) -> list[dict[str, Any]]:
+    """`steps` GRPO steps; one report per step, `on_step(done)` after each."""
+    reports = []
+    for step in range(steps):
+        reports.append(grpo_step(run, step))
+        if on_step is not None:
+            on_step(step + 1)
+    return reports
 
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
 
-    def trace(self, padding: torch.Tensor) -> RoutingTrace:
-        """`[sequences, seq, layers, top_k]` over the forwards so far (in order), with
-        `padding [sequences, seq]` (bool) rows as -1."""
-        per_layer = [torch.cat(self.calls[layer]) for layer in self.layers]  # [tokens, k]
-        experts = torch.stack(per_layer, dim=1).reshape(*padding.shape, len(self.layers), -1)
-        experts = experts.masked_fill(padding[..., None, None], NO_ROUTE)
-        return RoutingTrace(experts, self.layers, self.num_experts, "trainer")
+def grpo_step(run: GRPORun, step: int) -> dict[str, Any]:
+    """Sample, score, update. Returns the step's report."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(run.seed * 1_000_003 + step)
+    samples = sample(run, generator)
+    advantages = group_advantages(samples.rewards, run.settings.group_size)
+    batch = TrainerBatch.from_rollouts(samples.rollouts, advantages)
+    scored = score(run, batch)
+    floor = noise_floor(run.trainer, batch, run.settings)
+    updated = update(run, batch, update_routes(run.scheme, batch, scored), generator)
+    return step_report(
+        step=step,
+        samples=samples,
+        batch=batch,
+        scored=scored,
+        floor=floor,
+        updated=updated,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def sample(run: GRPORun, generator: torch.Generator) -> Samples:
+    """`group_size` completions of each of `prompts_per_step` prompts, from the engine
+    holding the trainer's current weights, and their rewards."""
+    task, settings = run.task, run.settings
+    prompts = [
+        prompt
+        for prompt in task.prompts(settings.prompts_per_step, generator)
+        for _ in range(settings.group_size)
+    ]
+    run.trainer.load_into(run.engine)
+    sampling = SamplingParams(
+        max_new_tokens=task.max_completion_len,
+        temperature=settings.temperature,
+        stop_token_ids=(EOS,),
+        seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)),
+    )
+    rollouts = run.engine.generate(prompts, sampling)
+    rewards = [
+        task.reward(p, r.completion_ids.tolist()) for p, r in zip(prompts, rollouts, strict=True)
+    ]
+    return Samples(rollouts, torch.tensor(rewards))
+
+
+def score(run: GRPORun, batch: TrainerBatch) -> Scored:
+    """The log-prob pass, routed as `ROUTING[run.scheme].logprob_pass` says."""
+    trainer, routing = run.trainer, ROUTING[run.scheme].logprob_pass
+    with (
+        torch.no_grad(),
+        trainer.expert_inputs() as received,
+        routed(trainer, routing, batch.routes) as recording,
+    ):
+        logprobs = trainer.token_logprobs(batch, run.settings.temperature)
+    # Read the counters now: they describe the last record/replay context only.
+    counterfactual = Counterfactual.of(trainer.controller) if routing == "replay engine" else None
+    return Scored(
+        logprobs=logprobs,
+        experts=received.trace(batch.padding),
+        recorded=None if recording is None else recording.trace,
+        counterfactual=counterfactual,
+    )
 
 
 @contextmanager
-def expert_inputs(model: nn.Module, controller: ReplayController) -> Iterator[ExpertInputs]:
-    layout = controller.layout
-    inputs = ExpertInputs(model, layout.moe_layers, layout.num_experts)
-    try:
-        yield inputs
-    finally:
-        inputs.remove()
+def routed(
+    trainer: Trainer, routing: LogProbRouting, engine_routes: RoutingTrace
+) -> Iterator[RecordedRoutes | None]:
+    """Route the enclosed forward natively, natively and recorded (yields the
+    recording), or replaying `engine_routes [sequences, seq, layers, top_k]`."""
+    if routing == "record":
+        with trainer.record() as recording:
+            yield recording
+    elif routing == "replay engine":
+        with trainer.replay(engine_routes):
+            yield None
+    else:
+        yield None
 
 
-def token_logprobs(model: nn.Module, batch: TrainerBatch, temperature: float) -> torch.Tensor:
-    """`[sequences, seq - 1]` float32: log-prob of token t + 1 at position t, under the
-    temperature the engine sampled with (as the engine computes its log-probs)."""
-    logits = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return logp.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+def update_routes(scheme: Scheme, batch: TrainerBatch, scored: Scored) -> RoutingTrace | None:
+    """What the update passes replay, `[sequences, seq, layers, top_k]`; None: native."""
+    routing = ROUTING[scheme].update_passes
+    if routing == "replay engine":
+        return batch.routes
+    if routing == "replay recorded":
+        return scored.recorded
+    return None
+
+
+def update(
+    run: GRPORun, batch: TrainerBatch, routes: RoutingTrace | None, generator: torch.Generator
+) -> Updated:
+    """One clipped step per mini-batch, shuffled the same way in every scheme, each
+    replaying its rows of `routes` if given."""
+    trainer, settings = run.trainer, run.settings
+    order = torch.randperm(batch.sequences, generator=generator)
+    losses, clipped, replay_totals = [], [], []
+    for rows in order.chunk(settings.mini_batches):
+        part = batch.select(rows)
+        replay = nullcontext() if routes is None else trainer.replay(routes.select_tokens(rows))
+        with replay:
+            logprobs = trainer.token_logprobs(part, settings.temperature)
+        if routes is not None:
+            replay_totals.append(trainer.controller.totals())
+        loss, clip_share = clipped_objective(
+            logprobs,
+            part.rollout_logprobs,
+            part.advantages,
+            part.completion_mask,
+            settings.clip_epsilon,
+        )
+        trainer.optimizer_step(loss)
+        losses.append(float(loss.detach()))
+        clipped.append(float(clip_share))
+    return Updated(sum(losses) / len(losses), clipped[0], replay_totals)
+
+
+def noise_floor(trainer: Trainer, batch: TrainerBatch, settings: GRPOSettings) -> NoiseFloor:
+    """Two fp32 trainer passes over the same tokens, native routing: the whole batch at
+    once, then one micro-batch per prompt group (other matrix shapes, so other
+    rounding). What they disagree on is the trainer's own noise, which no replay
+    between engine and trainer can remove."""
+    groups = torch.split(torch.arange(batch.sequences), settings.group_size)
+    with torch.no_grad(), trainer.expert_inputs() as whole:
+        logprobs = trainer.token_logprobs(batch, settings.temperature)
+    with torch.no_grad(), trainer.expert_inputs() as split:
+        split_logprobs = torch.cat(
+            [trainer.token_logprobs(batch.select(rows), settings.temperature) for rows in groups]
+        )
+    return NoiseFloor(
+        routing=routing_agreement(whole.trace(batch.padding), split.trace(batch.padding)),
+        mismatch=logprob_mismatch(split_logprobs, logprobs, batch.completion_mask),
+    )
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -201,199 +319,47 @@ def clipped_objective(
     return loss, clipped.sum() / mask.sum()
 
 
-def run_scheme(
-    scheme: Scheme,
-    pretrained: nn.Module,
-    task: SortDigits,
-    settings: GRPOSettings,
-    steps: int,
-    seed: int,
-    on_step: StepCallback | None = None,
-) -> list[dict[str, Any]]:
-    """GRPO from `pretrained` (left untouched) for `steps` steps in `scheme`; one report
-    per step. Prompts and sampling seeds depend on (seed, step) only, so every scheme
-    starts from the same rollouts."""
-    trainer = copy.deepcopy(pretrained)
-    # The engine copies the model: build it before attach() patches the trainer's
-    # routers and hooks, so that no copy of them points at the trainer's controller.
-    engine = RecordingEngine(trainer, dtype=torch.bfloat16)
-    controller = attach(trainer, source="trainer")
-    optimizer = torch.optim.Adam(trainer.parameters(), lr=settings.learning_rate)
-    reports = []
-    try:
-        for step in range(steps):
-            reports.append(
-                grpo_step(
-                    scheme, trainer, controller, engine, optimizer, task, settings, seed, step
-                )
-            )
-            if on_step is not None:
-                on_step(step + 1)
-    finally:
-        controller.detach()
-    return reports
-
-
-def grpo_step(
-    scheme: Scheme,
-    trainer: nn.Module,
-    controller: ReplayController,
-    engine: RecordingEngine,
-    optimizer: torch.optim.Optimizer,
-    task: SortDigits,
-    settings: GRPOSettings,
-    seed: int,
-    step: int,
-) -> dict[str, Any]:
-    """Sample, score, measure, update. Returns the step's report."""
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    group = settings.group_size
-    prompts = [p for p in task.prompts(settings.prompts_per_step, generator) for _ in range(group)]
-    engine.load_weights(trainer)
-    sampling = SamplingParams(
-        max_new_tokens=task.max_completion_len,
-        temperature=settings.temperature,
-        stop_token_ids=(EOS,),
-        seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)),
-    )
-    rollouts = engine.generate(prompts, sampling)
-    rewards = torch.tensor(
-        [task.reward(p, r.completion_ids.tolist()) for p, r in zip(prompts, rollouts, strict=True)]
-    )
-    advantages = group_advantages(rewards, group)
-    batch = TrainerBatch.from_rollouts(rollouts)
-    padding = batch.attention_mask == 0
-
-    # The log-prob pass: what the trainer thinks of the sampled tokens before updating.
-    routing: AbstractContextManager[Any] = nullcontext()
-    if scheme == "R2":
-        routing = controller.record()
-    elif scheme == "R3":
-        routing = controller.replay(batch.routes)
-    with torch.no_grad(), expert_inputs(trainer, controller) as used, routing as recording:
-        logprobs = token_logprobs(trainer, batch, settings.temperature)
-    counterfactual = _counterfactual(controller) if scheme == "R3" else None
-    trainer_routes = used.trace(padding)
-    floor = noise_floor(trainer, controller, batch, settings)
-    routes_to_replay: RoutingTrace | None = None
-    if scheme == "R2":
-        routes_to_replay = recording.trace
-    elif scheme == "R3":
-        routes_to_replay = batch.routes
-
-    # The update: one clipped step per mini-batch, shuffled the same way in every scheme.
-    order = torch.randperm(len(rollouts), generator=generator)
-    update_stats: list[LayerStats] = []
-    losses, clipped = [], []
-    for rows in order.chunk(settings.mini_batches):
-        part = batch.select(rows)
-        replay: AbstractContextManager[None] = nullcontext()
-        if routes_to_replay is not None:
-            replay = controller.replay(rows_of(routes_to_replay, rows))
-        with replay:
-            new_logprobs = token_logprobs(trainer, part, settings.temperature)
-        if routes_to_replay is not None:
-            update_stats.append(controller.totals())
-        loss, clip_share = clipped_objective(
-            new_logprobs,
-            part.rollout_logprobs,
-            advantages[rows],
-            part.completion_mask,
-            settings.clip_epsilon,
-        )
-        optimizer.zero_grad()
-        torch.autograd.backward(loss)
-        torch.nn.utils.clip_grad_norm_(trainer.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        clipped.append(float(clip_share))
-
-    return step_report(
-        step=step,
-        rewards=rewards,
-        agreement=routing_agreement(batch.routes, trainer_routes),
-        completion_agreement=routing_agreement(
-            without_rows(batch.routes, batch.prompt_tokens), trainer_routes
-        ),
-        mismatch=logprob_mismatch(logprobs, batch.rollout_logprobs, batch.completion_mask),
-        counterfactual=counterfactual,
-        update_stats=update_stats,
-        floor=floor,
-        loss=sum(losses) / len(losses),
-        clipped_fraction=clipped[0],
-        seconds=time.perf_counter() - start,
-    )
-
-
-def noise_floor(
-    model: nn.Module, controller: ReplayController, batch: TrainerBatch, settings: GRPOSettings
-) -> tuple[RoutingAgreement, LogProbMismatch]:
-    """Two fp32 trainer passes over the same tokens, native routing: the whole batch at
-    once, then one micro-batch per prompt group (other matrix shapes, so other
-    rounding). What they disagree on is the trainer's own noise, which no replay
-    between engine and trainer can remove."""
-    padding = batch.attention_mask == 0
-    groups = torch.split(torch.arange(batch.input_ids.shape[0]), settings.group_size)
-    with torch.no_grad(), expert_inputs(model, controller) as whole:
-        logprobs = token_logprobs(model, batch, settings.temperature)
-    with torch.no_grad(), expert_inputs(model, controller) as split:
-        split_logprobs = torch.cat(
-            [token_logprobs(model, batch.select(rows), settings.temperature) for rows in groups]
-        )
-    return (
-        routing_agreement(whole.trace(padding), split.trace(padding)),
-        logprob_mismatch(split_logprobs, logprobs, batch.completion_mask),
-    )
-
-
-def _counterfactual(controller: ReplayController) -> tuple[float, dict[str, float]]:
-    """Replayed rows where the trainer's router would have chosen other experts: over
-    all layers, and per layer, in the context that just ended."""
-    stats = controller.stats()
-    return controller.totals().disagreement_rate, {
-        str(layer): s.disagreement_rate for layer, s in stats.items()
-    }
-
-
 def step_report(
     *,
     step: int,
-    rewards: torch.Tensor,
-    agreement: RoutingAgreement,
-    completion_agreement: RoutingAgreement,
-    mismatch: LogProbMismatch,
-    counterfactual: tuple[float, dict[str, float]] | None,
-    update_stats: list[LayerStats],
-    floor: tuple[RoutingAgreement, LogProbMismatch],
-    loss: float,
-    clipped_fraction: float,
+    samples: Samples,
+    batch: TrainerBatch,
+    scored: Scored,
+    floor: NoiseFloor,
+    updated: Updated,
     seconds: float,
 ) -> dict[str, Any]:
     """One step's numbers as plain JSON data (None where a number does not apply)."""
-    replayed = sum(s.replayed for s in update_stats)
-    disagreed = sum(s.disagreed for s in update_stats)
-    floor_routing, floor_mismatch = floor
+    # Engine routes vs the ids the trainer's experts received in the log-prob pass,
+    # over every (token, routed layer) row both route (prompt and completion).
+    agreement = routing_agreement(batch.routes, scored.experts)
+    completion = routing_agreement(batch.routes.without_tokens(batch.prompt_tokens), scored.experts)
+    counterfactual: float | None = None
+    counterfactual_per_layer: dict[str, float] | None = None
+    if scored.counterfactual is not None:
+        counterfactual = scored.counterfactual.disagreement
+        counterfactual_per_layer = {str(k): v for k, v in scored.counterfactual.per_layer.items()}
+    replayed = sum(s.replayed for s in updated.replay_totals)
+    disagreed = sum(s.disagreed for s in updated.replay_totals)
+    mismatch = logprob_mismatch(scored.logprobs, batch.rollout_logprobs, batch.completion_mask)
     return {
         "step": step,
-        "reward": float(rewards.mean()),
-        # Engine routes vs the ids the trainer's experts received in the log-prob pass,
-        # over every (token, routed layer) row both route (prompt and completion).
+        "reward": float(samples.rewards.mean()),
         "routing_disagreement": agreement.router_disagreement,
         "routing_pairs": agreement.pairs,
         "token_routing_disagreement": agreement.token_disagreement,
-        "completion_routing_disagreement": completion_agreement.router_disagreement,
+        "completion_routing_disagreement": completion.router_disagreement,
         "routing_per_layer": {str(k): v for k, v in agreement.per_layer.items()},
         # R3 only: what the trainer's router would have chosen instead of the replay.
-        "counterfactual_disagreement": None if counterfactual is None else counterfactual[0],
-        "counterfactual_per_layer": None if counterfactual is None else counterfactual[1],
+        "counterfactual_disagreement": counterfactual,
+        "counterfactual_per_layer": counterfactual_per_layer,
         # R2 and R3: the same, in the update passes (after the first optimizer step).
         "update_counterfactual_disagreement": disagreed / replayed if replayed else None,
         "mismatch": _finite(mismatch.to_dict()),
-        "floor_routing_disagreement": floor_routing.router_disagreement,
-        "floor_mismatch": _finite(floor_mismatch.to_dict()),
-        "loss": loss,
-        "clipped_fraction": clipped_fraction,
+        "floor_routing_disagreement": floor.routing.router_disagreement,
+        "floor_mismatch": _finite(floor.mismatch.to_dict()),
+        "loss": updated.loss,
+        "clipped_fraction": updated.clipped_fraction,
         "seconds": seconds,
     }
 

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
-from routereplay.demo.grpo import SCHEMES, GRPOSettings, Scheme, run_scheme
+from routereplay.demo.grpo import SCHEMES, GRPORun, GRPOSettings, Scheme, train
+from routereplay.demo.hf_trainer import HFTrainer
 from routereplay.demo.model import DEFAULT_MODEL_CONFIG, WarmUp, build_model, warm_up_model
 from routereplay.demo.task import SortDigits
+from routereplay.engines.hf import RecordingEngine
 from routereplay.layout import MoELayout
 
 Progress = Callable[[str, int, int], None]
@@ -59,7 +61,7 @@ def run_demo(
     with _deterministic():
         report("warm-up", 0, warm_up.steps)
         model = build_model(model_config, warm_up, seed)
-        warmed = warm_up_model(model, task, warm_up, seed)
+        warm_up_summary = warm_up_model(model, task, warm_up, seed)
         report("warm-up", warm_up.steps, warm_up.steps)
         layout = MoELayout.from_hf_config(model.config)
         for scheme in schemes:
@@ -69,7 +71,12 @@ def run_demo(
             def on_step(done: int, scheme: str = scheme) -> None:
                 report(scheme, done, steps)
 
-            reports = run_scheme(scheme, model, task, grpo, steps, seed, on_step)
+            # Both copy `model`, which nothing attaches to: the engine's copy carries
+            # none of the trainer's router patches.
+            engine = RecordingEngine(model, dtype=torch.bfloat16)
+            with HFTrainer(model, grpo.learning_rate) as trainer:
+                run = GRPORun(scheme, trainer, engine, task=task, settings=grpo, seed=seed)
+                reports = train(run, steps, on_step)
             results[scheme] = {
                 "steps": reports,
                 "summary": summarise(reports),
@@ -93,7 +100,7 @@ def run_demo(
             "trainer_dtype": "float32",
             "torch_threads": torch.get_num_threads(),
         },
-        "warm_up": warmed,
+        "warm_up": warm_up_summary,
         "modes": results,
         "seconds": time.perf_counter() - start,
     }
