@@ -21,6 +21,7 @@ import torch
 from routereplay.checks import exact_int, exact_ints
 from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
+from routereplay.id_checks import has_partial_rows, has_repeated_rows, id_range, repeated_mask
 from routereplay.layout import MoELayout
 
 NO_ROUTE = -1
@@ -58,18 +59,18 @@ class RoutingTrace:
     _checked_version: int = field(default=-1, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        experts = _as_int_tensor(self.experts, "experts")
         layers = exact_ints(self.layers, "layers", TraceError)
         object.__setattr__(
             self, "num_experts", exact_int(self.num_experts, "num_experts", TraceError)
         )
+        if self.num_experts < 1:
+            raise TraceError(f"num_experts must be at least 1, found {self.num_experts}.")
+        experts = _as_int_tensor(self.experts, "experts", self.num_experts)
         if experts.ndim < 3:
             raise TraceError(
                 f"experts must be [..., layers, top_k] with at least one token axis, "
                 f"found shape {tuple(experts.shape)}."
             )
-        if self.num_experts < 1:
-            raise TraceError(f"num_experts must be at least 1, found {self.num_experts}.")
         # Range check before narrowing, so that an id too large for the compact dtype is
         # reported instead of wrapping around (a seed bug: ids above 255 in uint8).
         _check_range(experts, layers, self.num_experts)
@@ -141,16 +142,17 @@ class RoutingTrace:
                 f"top_k={self.top_k} is more than num_experts={self.num_experts}: "
                 "a row cannot hold that many distinct experts."
             )
-        missing = experts == NO_ROUTE
-        partial = missing.any(-1) & ~missing.all(-1)
-        if partial.any():
+        # Yes/no questions first (a few fast passes); the masks only to name the row.
+        if has_partial_rows(experts):
+            missing = experts == NO_ROUTE
+            partial = missing.any(-1) & ~missing.all(-1)
             raise TraceError(
                 f"{_where(partial, layers)} mixes -1 with expert ids "
                 f"{experts[_first(partial)].tolist()}: a row is either all -1 (no route) "
                 "or fully routed."
             )
-        repeated = _repeated(experts) & ~missing[..., 0]
-        if repeated.any():
+        if has_repeated_rows(experts):
+            repeated = repeated_mask(experts) & (experts[..., 0] != NO_ROUTE)
             raise TraceError(
                 f"{_where(repeated, layers)} routes to the same expert twice: "
                 f"{experts[_first(repeated)].tolist()}. A token picks top_k distinct experts; "
@@ -276,7 +278,13 @@ class RoutingTrace:
 
     @classmethod
     def from_all_layers(
-        cls, experts: ExpertArray, layout: MoELayout, source: str = "engine"
+        cls,
+        experts: ExpertArray,
+        layout: MoELayout,
+        source: str = "engine",
+        *,
+        start: int = 0,
+        num_tokens: int | None = None,
     ) -> RoutingTrace:
         """From an engine-style array `[..., width, top_k]`, keeping routed layers only.
 
@@ -285,8 +293,15 @@ class RoutingTrace:
         Rows may be -1 (not returned). A dense layer holding ids means the layout is
         wrong; a routed layer that is zero in every routed row of a sequence is a broken
         capture. Row numbers in errors are positions on the array's token axes.
+
+        `start`, `num_tokens` (one token axis): the array holds the rows of tokens
+        `start ..` of a sequence of `num_tokens`; the tokens before and after have no
+        route (-1). The ids are copied once, into the trace's compact dtype.
         """
-        full = _as_int_tensor(experts, "experts")
+        if isinstance(experts, np.ndarray) and np.issubdtype(experts.dtype, np.integer):
+            full: ExpertArray = experts  # numpy keeps an engine's uint8 without widening
+        else:
+            full = _as_int_tensor(experts, "experts")
         if full.ndim < 3:
             raise TraceError(
                 f"An engine array is [..., layers, top_k] with at least one token axis, "
@@ -296,13 +311,26 @@ class RoutingTrace:
             axis = layout.layer_axis(full.shape[-2])
         except LayoutError as error:
             raise TraceError(f"{error} Found shape {tuple(full.shape)}.") from None
+        placed = (start, full.shape[0] + start if num_tokens is None else num_tokens)
         if axis == "all_layers":
-            _check_dense(full, layout)
-            routed = full[..., list(layout.moe_layers), :]
+            _check_dense(full, layout, placed[0])
+            routed = _routed_columns(full, layout.moe_layers)
         else:
             routed = full
-        _check_capture(routed, layout.moe_layers, source)
-        return cls(routed, layout.moe_layers, layout.num_experts, source)
+        try:
+            trace = cls(
+                _placed(routed, layout.num_experts, *placed),
+                layout.moe_layers,
+                layout.num_experts,
+                source,
+            )
+        except TraceError:
+            # With top_k >= 2 a never-captured layer's zero rows are repeats: say why.
+            _check_capture(_as_int_tensor(routed, "experts"), layout.moe_layers, source)
+            raise
+        if trace.top_k == 1:  # zero rows repeat nothing with one expert per token
+            _check_capture(trace.experts, layout.moe_layers, source)
+        return trace
 
     def to_all_layers(self, layout: MoELayout) -> torch.Tensor:
         """Engine-style `[..., num_layers, top_k]`: dense layers as zeros, -1 rows kept."""
@@ -374,12 +402,20 @@ class _Routes(NamedTuple):
         return text
 
 
-def _as_int_tensor(experts: ExpertArray, name: str) -> torch.Tensor:
+def _as_int_tensor(experts: ExpertArray, name: str, num_experts: int | None = None) -> torch.Tensor:
+    """`experts` as a signed integer tensor. Given `num_experts`, ids all in [-1,
+    num_experts) come back narrowed to `storage_dtype(num_experts)` in one copy (an
+    engine's uint8 array, say); anything else is widened, so that an id too large for
+    the compact dtype is reported as itself instead of wrapping around (a seed bug:
+    ids above 255 in uint8)."""
     if isinstance(experts, np.ndarray):
         if not np.issubdtype(experts.dtype, np.integer):
             raise TraceError(f"{name} must hold integers, found numpy dtype {experts.dtype}.")
-        # A widening copy: uint16 has no torch twin, engines hand out read-only buffers,
-        # and ids are range-checked as themselves, never wrapped. int32 holds every id.
+        # A copy either way: uint16 has no torch twin and engines hand out read-only
+        # buffers.
+        if num_experts is not None and _in_range(experts, num_experts):
+            narrow = torch.empty(0, dtype=storage_dtype(num_experts)).numpy().dtype
+            return torch.from_numpy(experts.astype(narrow))
         wide = np.int32 if np.can_cast(experts.dtype, np.int32) else np.int64
         return torch.from_numpy(experts.astype(wide, copy=True))
     if not isinstance(experts, torch.Tensor):
@@ -387,6 +423,12 @@ def _as_int_tensor(experts: ExpertArray, name: str) -> torch.Tensor:
     if experts.dtype.is_floating_point or experts.dtype.is_complex or experts.dtype == torch.bool:
         raise TraceError(f"{name} must hold integers, found dtype {experts.dtype}.")
     if not experts.dtype.is_signed:
+        if (
+            num_experts is not None
+            and experts.dtype == torch.uint8
+            and _in_range(experts, num_experts)
+        ):
+            return experts.to(storage_dtype(num_experts))
         # torch.from_numpy of an engine's uint8 / uint16 array: widen, so that ids are
         # range-checked as themselves and -1 can be written.
         wide_dtype = torch.int32 if experts.dtype in (torch.uint8, torch.uint16) else torch.int64
@@ -394,6 +436,11 @@ def _as_int_tensor(experts: ExpertArray, name: str) -> torch.Tensor:
             raise TraceError(f"{name} holds uint64 ids beyond int64; no expert id is that big.")
         return experts.to(wide_dtype)
     return experts
+
+
+def _in_range(experts: ExpertArray, num_experts: int) -> bool:
+    low, high = id_range(experts)
+    return low >= NO_ROUTE and high < num_experts
 
 
 def _as_token_ids(
@@ -427,6 +474,9 @@ def _as_token_ids(
 def _check_range(experts: torch.Tensor, layers: Sequence[int], num_experts: int) -> None:
     # torch casts a Python int to the tensor's dtype before comparing: 128 would become
     # -128 in int8. Where num_experts exceeds the dtype, no stored id can reach it.
+    low, high = id_range(experts)
+    if low >= NO_ROUTE and high < num_experts:
+        return
     bad = experts < NO_ROUTE
     if num_experts <= torch.iinfo(experts.dtype).max:
         bad |= experts >= num_experts
@@ -438,19 +488,53 @@ def _check_range(experts: torch.Tensor, layers: Sequence[int], num_experts: int)
         )
 
 
-def _check_dense(full: torch.Tensor, layout: MoELayout) -> None:
-    """Ids on a layer the layout calls dense: the layout is not the engine's model."""
+def _check_dense(full: ExpertArray, layout: MoELayout, start: int = 0) -> None:
+    """Ids on a layer the layout calls dense: the layout is not the engine's model.
+    Row numbers in the error count from `start`."""
     dense = list(layout.dense_layers)
     if not dense:
         return
     values = full[..., dense, :]
+    low, high = id_range(values)
+    if low >= NO_ROUTE and high <= 0:  # zeros, or -1 rows
+        return
+    values = _as_int_tensor(values, "experts")
     stray = ((values != 0) & (values != NO_ROUTE)).any(-1)  # [..., dense layers]
-    if stray.any():
-        raise TraceError(
-            f"{_where(stray, dense)} holds expert ids {values[_first(stray)].tolist()} but "
-            f"is dense in the {layout.family} layout: the layout does not match the "
-            "engine's model (check first_k_dense_replace / mlp_only_layers / moe_layer_freq)."
-        )
+    raise TraceError(
+        f"{_where(stray, dense, start)} holds expert ids {values[_first(stray)].tolist()} but "
+        "is dense in the "
+        f"{layout.family} layout: the layout does not match the engine's model (check "
+        "first_k_dense_replace / mlp_only_layers / moe_layer_freq)."
+    )
+
+
+def _routed_columns(full: ExpertArray, moe_layers: tuple[int, ...]) -> ExpertArray:
+    """`full[..., moe_layers, :]`: a view when the routed layers are one run (a dense
+    prefix, say), else a copy in the engine's own dtype."""
+    first, last = moe_layers[0], moe_layers[-1]
+    if last - first + 1 == len(moe_layers):
+        return full[..., first : last + 1, :]
+    return full[..., list(moe_layers), :]
+
+
+def _placed(routed: ExpertArray, num_experts: int, start: int, num_tokens: int) -> torch.Tensor:
+    """`routed [n, layers, top_k]` as rows `start .. start + n - 1` of `num_tokens`, -1
+    elsewhere, in the compact dtype (range-checked first: nothing wraps)."""
+    rows = routed.shape[0]
+    if (start, num_tokens) == (0, rows):
+        return _as_int_tensor(routed, "experts", num_experts)
+    if not _in_range(routed, num_experts):  # widened, so that the trace reports the id
+        wide = torch.full((num_tokens, *routed.shape[1:]), NO_ROUTE, dtype=torch.int64)
+        wide[start : start + rows] = _as_int_tensor(routed, "experts")
+        return wide
+    out = torch.empty((num_tokens, *routed.shape[1:]), dtype=storage_dtype(num_experts))
+    out[:start] = NO_ROUTE
+    out[start + rows :] = NO_ROUTE
+    if isinstance(routed, np.ndarray):
+        np.copyto(out.numpy()[start : start + rows], routed, casting="unsafe")
+    else:
+        out[start : start + rows] = routed
+    return out
 
 
 def _check_capture(routed: torch.Tensor, layers: Sequence[int], source: str) -> None:
@@ -475,28 +559,16 @@ def _check_capture(routed: torch.Tensor, layers: Sequence[int], source: str) -> 
         )
 
 
-def _repeated(experts: torch.Tensor) -> torch.Tensor:
-    """`[..., layers]` bool: rows of `experts [..., layers, top_k]` with an id twice."""
-    top_k = experts.shape[-1]
-    if top_k > 16:
-        ordered = experts.sort(dim=-1).values
-        return (ordered[..., 1:] == ordered[..., :-1]).any(-1)
-    # Comparing column pairs is several times faster than sorting tiny rows.
-    columns = experts.unbind(-1)
-    repeated = torch.zeros(experts.shape[:-1], dtype=torch.bool, device=experts.device)
-    for i in range(top_k):
-        for j in range(i + 1, top_k):
-            repeated |= columns[i] == columns[j]
-    return repeated
-
-
 def _first(mask: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in mask.nonzero()[0])
 
 
-def _where(row_mask: torch.Tensor, layers: Sequence[int]) -> str:
-    """'Row (sequence 2, token 7), layer 5' for the first True of `row_mask [..., layers]`."""
+def _where(row_mask: torch.Tensor, layers: Sequence[int], offset: int = 0) -> str:
+    """'Row (sequence 2, token 7), layer 5' for the first True of `row_mask [..., layers]`
+    (`offset` added to a single token axis' position)."""
     *row, slot = _first(row_mask)
+    if len(row) == 1:
+        row[0] += offset
     names = ("token",) if len(row) == 1 else ("sequence", "token") if len(row) == 2 else ()
     where = ", ".join(f"{n} {i}" for n, i in zip(names, row, strict=True)) if names else str(row)
     layer = layers[slot] if slot < len(layers) else f"slot {slot}"

@@ -293,13 +293,13 @@ def _sequence_trace(
             "routed_experts_prompt_start, SGLang routed_experts_start_len: no response "
             "echoes it, so pass the request with the response)."
         )
-    # A widening copy (the caller's buffer, often read-only, is never written); rows the
-    # engine did not return, before start and the final token, are -1.
-    wide = np.int32 if np.can_cast(rows.dtype, np.int32) else np.int64
-    sequence = np.full((prompt_len + completion_len, *rows.shape[1:]), NO_ROUTE, dtype=wide)
-    sequence[start : start + found] = rows
+    # One copy into the trace's compact dtype (the caller's buffer, often read-only, is
+    # never written); rows the engine did not return, before start and the final token,
+    # are -1.
     try:
-        return RoutingTrace.from_all_layers(sequence, layout, source)
+        return RoutingTrace.from_all_layers(
+            rows, layout, source, start=start, num_tokens=prompt_len + completion_len
+        )
     except TraceError as error:
         raise TraceError(f"{where}: {error}") from error
 
