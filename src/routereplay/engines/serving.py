@@ -29,6 +29,7 @@ import torch
 
 from routereplay.engines.hf import RecordingEngine, SamplingParams
 from routereplay.engines.vllm.encode import completion_choice, completions_body
+from routereplay.errors import RouteReplayError
 from routereplay.layout import MoELayout
 from routereplay.rollout import Rollout
 
@@ -295,9 +296,12 @@ def _handler(server: CompletionsServer) -> type[BaseHTTPRequestHandler]:
                 if not isinstance(request, dict):
                     raise BadRequest("The request body must be a JSON object.")
                 body = server.completions(request)
-            except (BadRequest, json.JSONDecodeError) as error:
+            except (BadRequest, RouteReplayError, json.JSONDecodeError) as error:
                 self._error(HTTPStatus.BAD_REQUEST, str(error))
                 return
+            except Exception as error:  # a client must hear of it, not see a dropped socket
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {error}")
+                raise
             self._send(HTTPStatus.OK, body)
 
         def _error(self, status: HTTPStatus, message: str) -> None:

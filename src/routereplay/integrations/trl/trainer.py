@@ -49,6 +49,8 @@ class RouterReplayMixin:
 
     def __init__(self, *args: Any, router_replay: ReplayMode = "off", **kwargs: Any) -> None:
         mode = check_mode(router_replay)
+        if mode == "R3":
+            _check_r3_setup(kwargs.get("args", args[2] if len(args) > 2 else None), kwargs)
         super().__init__(*args, **kwargs)
         self.router_replay: ReplayMode = mode
         self._passes: PassRouting | None = None
@@ -57,7 +59,6 @@ class RouterReplayMixin:
         if mode == "off":
             return  # TRL exactly as it is: nothing attached
         trainer: Any = self
-        _check_setup(trainer, mode)
         policy = trainer.accelerator.unwrap_model(trainer.model)
         self._passes = PassRouting(mode, policy, routereplay.attach(policy, source="trl"))
         if mode == "R3" and trainer.use_vllm and trainer.accelerator.is_main_process:
@@ -184,26 +185,28 @@ def _runs_old_logps(trainer: Any) -> bool:
     )
 
 
-def _check_setup(trainer: Any, mode: ReplayMode) -> None:
-    """Refuse, before training, the setups whose rollouts carry no routes (R3)."""
-    if mode != "R3":
-        return
+def _check_r3_setup(args: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse, before TRL builds anything, the setups whose rollouts carry no routes.
+    `args`: the GRPOConfig (None: TRL's defaults, which sample with the model)."""
     found = None
-    if trainer.use_vllm and trainer.vllm_mode != "server":
+    if getattr(args, "use_vllm", False) and args.vllm_mode != "server":
         found = (
-            f"vllm_mode={trainer.vllm_mode!r}: TRL builds its colocated LLM(...) with a fixed "
+            f"vllm_mode={args.vllm_mode!r}: TRL builds its colocated LLM(...) with a fixed "
             "argument list, without enable_return_routed_experts. Use vllm_mode='server' "
             "(vllm serve ... --enable-return-routed-experts) or use_vllm=False"
         )
-    elif trainer.rollout_func is not None:
+    elif kwargs.get("rollout_func") is not None:
         found = "a rollout_func: its rollouts return no routes. Use 'R2', or TRL's own generation"
-    elif trainer.tools:
+    elif kwargs.get("tools") or kwargs.get("environment_factory") is not None:
         found = (
             "tools: tool output is spliced into the completion after sampling, so the "
             "engine never routed it as it stands. Use 'R2'"
         )
-    elif trainer.use_transformers_continuous_batching:
-        found = "use_transformers_continuous_batching: generate_batch() forwards cannot be keyed"
+    elif getattr(args, "use_transformers_continuous_batching", False):
+        found = (
+            "use_transformers_continuous_batching: generate_batch() runs many sequences "
+            "per forward in an order routereplay cannot key. Use the default generate()"
+        )
     if found is not None:
         raise SetupError(
             f"router_replay='R3' needs the rollout's routes, but the trainer has {found}."
