@@ -808,3 +808,57 @@ def test_a_trace_that_knows_its_tokens_stores_them_and_refuses_others(
             writer.append(known, torch.arange(7))
     with TraceFile(tmp_path / "r.rr") as traces:
         assert traces.tokens(0).tolist() == list(range(3, 10))
+
+
+# -- the rows' form: the writer validates, the checksum carries it ---------------------
+
+
+def repeated_first_row(trace: RoutingTrace) -> RoutingTrace:
+    """`trace` with its first routed row naming one expert twice, written in place
+    after validation (as a buggy caller, or another tool, would)."""
+    row = int((trace.experts[:, 0, 0] != NO_ROUTE).nonzero()[0])
+    trace.experts[row, 0, 1] = trace.experts[row, 0, 0]
+    return trace
+
+
+def test_ids_written_into_a_trace_after_validation_are_refused_by_the_writer(
+    tmp_path: Path, hybrid_layout: MoELayout
+) -> None:
+    trace = repeated_first_row(random_trace(hybrid_layout, 6, missing=0.0))
+    with (
+        TraceWriter(tmp_path / "t.rr", hybrid_layout) as writer,
+        pytest.raises(TraceError, match="Sequence 0 appended.*same expert twice"),
+    ):
+        writer.append(trace)
+
+
+@pytest.mark.parametrize("encoding", ["compact", "packed"])
+def test_rows_from_a_writer_that_does_not_validate_are_found_with_verify_rows(
+    tmp_path: Path, hybrid_layout: MoELayout, monkeypatch: pytest.MonkeyPatch, encoding: str
+) -> None:
+    trace = repeated_first_row(random_trace(hybrid_layout, 6, missing=0.0))
+    with monkeypatch.context() as patch:
+        patch.setattr(RoutingTrace, "recheck", lambda self: None)  # another tool's writer
+        path = write(tmp_path / "t.rr", hybrid_layout, [trace], encoding=encoding)
+    with pytest.raises(TraceFileError, match="passed its checksum.*same expert twice"):
+        TraceFile(path, verify_rows=True).trace(0)
+    # By default the reader trusts the rows' form to the checksum: the ids read back.
+    assert TraceFile(path).trace(0).equal(trace)
+
+
+@pytest.mark.parametrize("encoding", ["compact", "packed"])
+@pytest.mark.parametrize(
+    ("num_experts", "top_k"),
+    [(128, 8), (300, 4), (64, 6), (16, 8), (2, 1), (256, 8), (100_000, 2)],
+)
+def test_every_id_width_and_row_width_reads_back_exactly(
+    tmp_path: Path, encoding: str, num_experts: int, top_k: int
+) -> None:
+    # Rows of one machine word (8 x int8, 4 x int16) take the word-wise -1 path; packed
+    # ids below 8 bits the grouped path, above it the bit-matrix path.
+    layout = MoELayout.from_dense_pattern([1, 0, 1], num_experts, top_k)
+    traces = [random_trace(layout, tokens, seed) for seed, tokens in enumerate((1, 9, 33))]
+    path = write(tmp_path / "t.rr", layout, traces, encoding=encoding)
+    with TraceFile(path) as file:
+        for i, trace in enumerate(traces):
+            assert file.trace(i).equal(trace)

@@ -380,6 +380,47 @@ class RoutingTrace:
         trace._checked()
         return trace
 
+    @classmethod
+    def from_verified_rows(
+        cls,
+        experts: torch.Tensor,
+        layers: tuple[int, ...],
+        num_experts: int,
+        source: str,
+        tokens: torch.Tensor | None = None,
+    ) -> RoutingTrace:
+        """A trace over rows whose form a storage format guarantees: each row all -1 or
+        fully routed with distinct ids (a trace file: its routed mask writes whole -1
+        rows, and each sequence's checksum proves its bytes are those a validating
+        writer wrote). Checks the dtype, the layer axis and the id range, which cost one
+        reduction; not the row scans of `validate` (run `validate()` to add them).
+
+        `experts [..., len(layers), top_k]` in `storage_dtype(num_experts)`; `layers`
+        strictly increasing global ids (a file's header, checked on open).
+        """
+        if experts.dtype != storage_dtype(num_experts) or experts.ndim < 3:
+            raise TraceError(
+                f"Verified rows are [..., layers, top_k] in {storage_dtype(num_experts)}, "
+                f"found {experts.dtype} {list(experts.shape)}."
+            )
+        if experts.shape[-2] != len(layers):
+            raise TraceError(
+                f"The layer axis has {experts.shape[-2]} slots but {len(layers)} layer ids "
+                f"were given ({_short(layers)})."
+            )
+        _check_range(experts, layers, num_experts)
+        trace = object.__new__(cls)
+        for name, value in (
+            ("experts", experts),
+            ("layers", tuple(layers)),
+            ("num_experts", num_experts),
+            ("source", source),
+            ("tokens", _as_token_ids(tokens, tuple(experts.shape[:-2]))),
+        ):
+            object.__setattr__(trace, name, value)
+        trace._checked()
+        return trace
+
     def _checked(self) -> None:
         # The ids as validated: `recheck` re-validates once they are written to.
         object.__setattr__(self, "_checked_version", self.experts._version)

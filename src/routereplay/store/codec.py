@@ -56,6 +56,7 @@ class Codec:
         # reaches the range check as 200, not wrapped to -56 (or, for 255, to -1: no
         # route).
         self.trace_dtype = _numpy_dtype(storage_dtype(num_experts + 1))
+        self.storage_dtype = _numpy_dtype(storage_dtype(num_experts))
 
     def id_bytes(self, tokens: int) -> int:
         return -(-tokens * self.num_layers * self.top_k * self.bits // 8)
@@ -67,24 +68,39 @@ class Codec:
         """`experts [tokens, layers, top_k]` with -1 rows -> (id bytes, routed mask bytes)."""
         routed = experts[..., 0] != NO_ROUTE
         ids = experts.astype(self.id_dtype)
-        ids[~routed] = 0
+        rows = ids.reshape(-1, self.top_k)
+        if self.top_k * ids.dtype.itemsize == 8:  # a row is one machine word
+            np.copyto(rows.view(np.uint64).reshape(-1), 0, where=~routed.reshape(-1))
+        else:
+            rows[~routed.reshape(-1)] = 0
         if self.encoding == "packed":
             return _pack_bits(ids.reshape(-1), self.bits), np.packbits(routed.reshape(-1))
         return ids.reshape(-1).view(np.uint8), np.packbits(routed.reshape(-1))
 
     def decode(self, ids: Bytes, mask: Bytes, tokens: int) -> np.ndarray[Any, Any]:
-        """Inverse of `encode`: signed `[tokens, layers, top_k]` with -1 rows."""
+        """Inverse of `encode`: signed `[tokens, layers, top_k]` with -1 rows, in the
+        trace's compact dtype when every stored id is below `num_experts`, else in a
+        wider one, so that the trace reports a damaged id as itself. Compact ids of the
+        storage width are decoded in place when `ids` is writable (no copy)."""
         count = tokens * self.num_layers * self.top_k
         if self.encoding == "packed":
             values = _unpack_bits(ids, count, self.bits, self.id_dtype)
         else:
             values = ids.view(self.id_dtype)
-        experts = values.astype(self.trace_dtype).reshape(tokens, self.num_layers, self.top_k)
-        routed = np.unpackbits(mask, count=tokens * self.num_layers).reshape(
-            tokens, self.num_layers
-        )
-        experts[routed == 0] = NO_ROUTE
-        return experts
+        in_range = values.size == 0 or int(values.max()) < self.num_experts
+        dtype = self.storage_dtype if in_range else self.trace_dtype
+        if in_range and values.dtype.itemsize == dtype.itemsize and values.flags.writeable:
+            experts = values.view(dtype)  # ids below num_experts read the same signed
+        else:
+            experts = values.astype(dtype)
+        rows = experts.reshape(tokens * self.num_layers, self.top_k)
+        routed = np.unpackbits(mask, count=tokens * self.num_layers).view(bool)
+        row_bytes = self.top_k * dtype.itemsize
+        if row_bytes == 8:  # a row is one machine word: write -1 rows as words
+            np.copyto(rows.view(np.int64).reshape(-1), -1, where=~routed)
+        else:
+            rows[~routed] = NO_ROUTE
+        return experts.reshape(tokens, self.num_layers, self.top_k)
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
@@ -95,6 +111,8 @@ def _pack_bits(values: np.ndarray[Any, Any], bits: int) -> Bytes:
     """Unsigned `values [n]` at `bits` bits each, most significant bit first."""
     if bits == 8 * values.dtype.itemsize:
         return values.astype(values.dtype.newbyteorder(">")).view(np.uint8)
+    if bits < 8:
+        return _pack_small(values, bits)
     parts = []
     for start in range(0, values.size, _PACK_STEP):
         chunk = values[start : start + _PACK_STEP]
@@ -114,6 +132,8 @@ def _unpack_bits(
     """Inverse of `_pack_bits`: `count` values of `dtype`."""
     if bits == 8 * dtype.itemsize:
         return packed.view(dtype.newbyteorder(">")).astype(dtype)
+    if bits < 8:
+        return _unpack_small(packed, count, bits).astype(dtype, copy=False)
     values = np.empty(count, dtype=dtype)
     step_bytes = _PACK_STEP * bits // 8
     for step, start in enumerate(range(0, count, _PACK_STEP)):
@@ -126,6 +146,44 @@ def _unpack_bits(
             value |= bit_matrix[:, column]
         values[start : start + size] = value
     return values
+
+
+# Below 8 bits, every 8 values fill exactly `bits` bytes: one group, which fits a 64-bit
+# word. Packing and unpacking are then a few shifts per group instead of one pass per
+# bit; the stream is the same (most significant bit first).
+_GROUPS_PER_STEP = 1 << 16
+
+
+def _pack_small(values: np.ndarray[Any, Any], bits: int) -> Bytes:
+    count = values.size
+    groups = -(-count // 8)
+    padded = np.zeros(groups * 8, dtype=np.uint64)
+    padded[:count] = values
+    lanes = padded.reshape(groups, 8)
+    out = np.empty((groups, bits), dtype=np.uint8)
+    for start in range(0, groups, _GROUPS_PER_STEP):
+        lane = lanes[start : start + _GROUPS_PER_STEP]
+        word = np.zeros(lane.shape[0], dtype=np.uint64)
+        for j in range(8):  # value j of a group sits at bits (7 - j) * bits upward
+            word |= lane[:, j] << np.uint64((7 - j) * bits)
+        as_bytes = word.astype(">u8").view(np.uint8).reshape(-1, 8)
+        out[start : start + _GROUPS_PER_STEP] = as_bytes[:, 8 - bits :]
+    return out.reshape(-1)[: -(-count * bits // 8)]
+
+
+def _unpack_small(packed: Bytes, count: int, bits: int) -> np.ndarray[Any, Any]:
+    groups = -(-count // 8)
+    stream = np.zeros(groups * bits, dtype=np.uint8)  # whole groups: the tail zero-filled
+    stream[: packed.size] = packed
+    window = np.zeros((groups, 8), dtype=np.uint8)
+    window[:, 8 - bits :] = stream.reshape(groups, bits)
+    out = np.empty((groups, 8), dtype=np.uint8)
+    lowest = np.uint64((1 << bits) - 1)
+    for start in range(0, groups, _GROUPS_PER_STEP):
+        word = window[start : start + _GROUPS_PER_STEP].view(">u8").reshape(-1).astype(np.uint64)
+        for j in range(8):
+            out[start : start + _GROUPS_PER_STEP, j] = (word >> np.uint64((7 - j) * bits)) & lowest
+    return out.reshape(-1)[:count]
 
 
 def sequence_crc(ids: Bytes, mask: Bytes, tokens: Bytes | None) -> int:

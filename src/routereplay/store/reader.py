@@ -46,14 +46,18 @@ class TraceFile:
     """A trace file opened for reading one sequence at a time.
 
     Opening reads and checks the header and the index (`offsets`, `checksums`);
-    `trace(i)` and `tokens(i)` read only sequence i's bytes and verify its checksum.
+    `trace(i)` and `tokens(i)` read only sequence i's bytes and verify its checksum
+    and its ids' range. The rows' form (all -1 or distinct ids) is the writer's
+    guarantee, which the checksum carries: `verify_rows=True` scans them again too,
+    for files from another tool (about twice the read time).
     """
 
     source: str
     encoding: str
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, verify_rows: bool = False) -> None:
         self.path = Path(path)
+        self.verify_rows = verify_rows
         if not self.path.is_file():
             what = "is a directory" if self.path.is_dir() else "does not exist"
             raise FileNotFoundError(f"{self.path} {what}: no trace file to read.")
@@ -135,9 +139,16 @@ class TraceFile:
         # The token ids were read for the checksum anyway: the trace knows its tokens.
         tokens = None if token_ids is None else torch.from_numpy(token_ids.view("<i4").copy())
         try:
-            return RoutingTrace(
+            if experts.dtype != self._codec.storage_dtype:  # an id beyond num_experts
+                return RoutingTrace(
+                    torch.from_numpy(experts), self.layers, self.num_experts, self.source, tokens
+                )
+            trace = RoutingTrace.from_verified_rows(
                 torch.from_numpy(experts), self.layers, self.num_experts, self.source, tokens
             )
+            if self.verify_rows:
+                trace.validate()
+            return trace
         except TraceError as error:
             raise TraceFileError(
                 f"{self.path}: sequence {index} passed its checksum but is not a valid trace "
@@ -433,7 +444,7 @@ class TraceFile:
         begin, dtype, shape = self._placement[name]
         row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         size = (stop - start) * row
-        data = _read_at(self._file, size, begin + start * row)
+        data = _read_into(self._file, size, begin + start * row)
         if len(data) != size:
             raise TraceFileError(
                 f"{self.path} was truncated while open: {len(data)} of the {size} bytes of "
@@ -441,6 +452,19 @@ class TraceFile:
                 "under this reader?"
             )
         return np.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
+
+
+def _read_into(file: Any, size: int, offset: int) -> bytearray:
+    """`size` bytes at `offset` (fewer at the end of the file) in a writable buffer:
+    decoding then works in place, without a copy to write -1 rows into."""
+    buffer = bytearray(size)
+    if hasattr(os, "preadv"):
+        read = os.preadv(file.fileno(), [buffer], offset)
+    else:  # no preadv (Windows): a reader is not shared between threads
+        file.seek(offset)
+        read = file.readinto(buffer)
+    del buffer[read:]
+    return buffer
 
 
 def _read_at(file: Any, size: int, offset: int) -> bytes:

@@ -273,6 +273,9 @@ class TraceWriter:
             )
         try:
             trace.check_layout(self.layout)
+            # Readers trust the rows' form to the checksum: ids written into the trace
+            # since it was validated are checked again here.
+            trace.recheck()
         except TraceError as error:
             raise TraceError(f"{where}: {error}") from None
         if trace.layers != self.layout.moe_layers:
