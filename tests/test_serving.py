@@ -166,3 +166,41 @@ def test_the_encoder_sends_only_complete_rollouts() -> None:
     )
     with pytest.raises(TraceError, match=r"has no log-probs to send"):
         completion_choice(whole, moe, index=0, logprobs=True)
+
+
+def test_routereplay_serve_answers_until_stopped(tmp_path: Any) -> None:
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from vllm_fixtures import FIXTURES
+
+    model = tmp_path / MODEL  # the saved model, without its tokenizer: token ids only
+    model.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(FIXTURES / "models" / MODEL / name, model / name)
+    command = [sys.executable, "-m", "routereplay", "serve", str(model), "--port", "0", "--json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        started = json.loads(process.stdout.readline())
+        assert started["weights"] == "saved" and started["model"] == MODEL
+        with urllib.request.urlopen(started["url"] + "/health", timeout=30) as health:
+            assert health.status == 200
+        body = {"prompt": [5, 6, 7], "max_tokens": 3, "return_token_ids": True}
+        request = urllib.request.Request(
+            started["url"] + "/v1/completions", json.dumps(body).encode()
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            (rollout,) = vllm.from_response(json.loads(response.read()), layout(MODEL))
+        assert rollout.prompt_ids.tolist() == [5, 6, 7] and rollout.routes is not None
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+
+
+def test_routereplay_serve_needs_a_model_directory(tmp_path: Any) -> None:
+    from routereplay.cli import main
+
+    assert main(["serve", str(tmp_path)]) == 2

@@ -7,7 +7,8 @@ stage's routed layers are; `routereplay import vllm|sglang` turns saved engine
 responses into a trace file; `routereplay inspect FILE` summarises a trace file and
 checks every sequence's checksum; `routereplay compare A B` measures how often two
 trace files of the same tokens route differently; `routereplay bench` times what
-record and replay add to a router call.
+record and replay add to a router call; `routereplay serve MODEL_DIR` stands in for
+`vllm serve --enable-return-routed-experts` on CPU.
 
 Each subcommand is a module with `add(commands)`, which registers its parser and sets
 `run`, and `run(args) -> exit code`; `main` only dispatches.
@@ -26,6 +27,7 @@ from routereplay.cli import (
     inspection,
     layout,
     payloads,
+    serving,
 )
 from routereplay.cli.common import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, bad_input
 from routereplay.errors import RouteReplayError
@@ -57,6 +59,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"routereplay {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (demonstration, layout, payloads, inspection, comparison, benchmark):
+    for command in (demonstration, layout, payloads, inspection, comparison, benchmark, serving):
         command.add(commands)
     return parser
