@@ -413,3 +413,16 @@ def test_generation_rollouts_need_the_prefill_and_its_sequences() -> None:
         match=r"Sequence 0: 4 prompt and 1 completion tokens, but the generation recorded a 3-token prefill and 0 decode steps",
     ):
         generated_rollouts({0: prefill}, [[5, 6, 7, 8], [5]], [[9], [9]])
+
+
+def test_the_example_script_trains_with_r3(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "examples" / "trl_grpo_router_replay.py"
+    spec = importlib.util.spec_from_file_location("trl_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = example.main(["--steps", "2", "--output-dir", str(tmp_path)])
+    logged = trainer.state.log_history
+    assert any("router_replay/loss/replayed_rows" in log for log in logged)
