@@ -315,6 +315,28 @@ def test_vllm_choices_out_of_trls_order_are_refused(
         trainer.train()
 
 
+class TruncatingServer(LoggedServer):
+    """Answers with one choice too few."""
+
+    def completions(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        body = super().completions(request)
+        body["choices"] = body["choices"][:-1]
+        return body
+
+
+def test_too_few_vllm_choices_are_refused(
+    tmp_path: Path, serve: Callable[..., LoggedServer]
+) -> None:
+    server = serve(TruncatingServer)
+    trainer = trainer_of(
+        tmp_path, "R3", use_vllm=True, vllm_mode="server", vllm_server_base_url=server.url
+    )
+    with pytest.raises(
+        TraceError, match=r"vLLM returned 7 choices; this process needs rows 0\.\.7"
+    ):
+        trainer.train()
+
+
 def test_a_server_without_route_capture_is_named(tmp_path: Path, vllm_server: LoggedServer) -> None:
     vllm_server.return_routed_experts = False
     trainer = trainer_of(

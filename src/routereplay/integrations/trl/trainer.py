@@ -230,6 +230,11 @@ def _vllm_rollouts(
     assert everyone[0] is not None
     start = trainer.accelerator.process_index * len(prompt_ids)
     rollouts = everyone[0][start : start + len(prompt_ids)]
+    if len(rollouts) != len(prompt_ids):
+        raise TraceError(
+            f"vLLM returned {len(everyone[0])} choices; this process needs rows {start}.."
+            f"{start + len(prompt_ids) - 1}."
+        )
     for row, rollout in enumerate(rollouts):
         if rollout.prompt_ids.tolist() != list(
             prompt_ids[row]
@@ -238,11 +243,6 @@ def _vllm_rollouts(
                 f"Sequence {row}: vLLM's choice {rollout.sequence_id} holds other token ids "
                 "than TRL kept for it: the response's choices are not in TRL's order."
             )
-    if len(rollouts) != len(prompt_ids):
-        raise TraceError(
-            f"vLLM returned {len(everyone[0])} choices; this process needs rows {start}.."
-            f"{start + len(prompt_ids) - 1}."
-        )
     return rollouts
 
 
