@@ -24,7 +24,8 @@ run, same inputs, outputs asserted equal:
                              cat, chunk it, cat rank pieces, slice stages (written below)
   one rank                   what each trainer rank runs every step: its own pieces
                              (cp rank 0) over its own stage's layers (pp rank 0) only
-    plans, from traces       concat_traces(layers=...), then ThdPlan.rank_routes
+    plans, from traces       ThdPlan.rank_routes(traces, ...): gathered straight from the
+                             per-sequence traces into each piece, no join of the batch
     plans, from batch        ThdPlan.rank_routes(batch, cp_rank, layers=...)
     per-sequence loop        the loop above for one rank, taking the stage's layers
                              before it pads, so that it too copies only what it keeps
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace, name: str, sequences: int, shortest: int, long
                 ).experts
         return out
 
-    def one_rank(flat: RoutingTrace) -> dict[int, torch.Tensor]:
+    def one_rank(flat: RoutingTrace | list[RoutingTrace]) -> dict[int, torch.Tensor]:
         routes = plan().rank_routes(flat, cp_rank=0, tp_rank=0, layers=stages[0])
         return {micro_batch: trace.experts for micro_batch, trace in routes.items()}
 
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace, name: str, sequences: int, shortest: int, long
         "all ranks: plans, traces": lambda: all_ranks(concat_traces(traces)[0]),
         "all ranks: plans, batch": lambda: all_ranks(batch),
         "all ranks: loop": all_loop,
-        "one rank: plans, traces": lambda: one_rank(concat_traces(traces, layers=stages[0])[0]),
+        "one rank: plans, traces": lambda: one_rank(traces),
         "one rank: plans, batch": lambda: one_rank(batch),
         "one rank: loop": rank_loop,
         "plans, restore": lambda: thd.restore_trace(on_ranks),
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace, name: str, sequences: int, shortest: int, long
     check_equal(all_ranks(batch), reference, "all ranks, from batch")
     rank_reference = {key[0]: v for key, v in reference.items() if key[1:] == (0, 0)}
     check_equal(rank_loop(), rank_reference, "one rank, loop")
-    check_equal(one_rank(concat_traces(traces, layers=stages[0])[0]), rank_reference, "traces")
+    check_equal(one_rank(traces), rank_reference, "one rank, from traces")
     check_equal(one_rank(batch), rank_reference, "one rank, from batch")
     if not thd.restore_trace(on_ranks).equal(batch):
         raise SystemExit("plans, restore: the batch's trace did not come back")

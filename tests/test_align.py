@@ -708,3 +708,49 @@ def test_stage_slices_of_other_tokens_are_refused() -> None:
         stack_stages([first, second])
     joined = stack_stages([first, trace.select_layers([2])])
     assert joined.tokens is not None and joined.tokens.tolist() == [5, 6, 7]
+
+
+# -- one rank's share straight from per-sequence traces ------------------------------------
+
+
+@pytest.mark.parametrize("lengths", [[9, 3, 14, 1, 6], [2] * 40, [400, 300]])
+@pytest.mark.parametrize("layers", [None, (1, 2), (0, 3)])
+def test_a_rank_gathers_from_per_sequence_traces_what_it_gathers_from_the_batch(
+    lengths: list[int], layers: tuple[int, ...] | None
+) -> None:
+    # Long runs are copied one by one, short ones joined per piece first: both read the
+    # same rows as the plan applied to the joined batch.
+    layout = MoELayout.from_dense_pattern([1, 1, 1, 1], num_experts=16, top_k=2)
+    traces = [
+        RoutingTrace(
+            torch.stack([torch.randperm(16)[:2] for _ in range(n * 4)]).reshape(n, 4, 2),
+            layout.moe_layers,
+            16,
+            tokens=torch.arange(n) + 100 * i,
+        )
+        for i, n in enumerate(lengths)
+    ]
+    batch = concat_traces(traces)[0]
+    groups = balanced_micro_batches(padded_lengths(torch.tensor(lengths), 4), 400)
+    plan = plan_thd(torch.tensor(lengths), groups, multiple=4, cp_size=2)
+    for cp_rank in (0, 1):
+        want = plan.rank_routes(batch, cp_rank, layers=layers)
+        got = plan.rank_routes(traces, cp_rank, layers=layers)
+        assert want.keys() == got.keys()
+        for micro_batch, trace in want.items():
+            assert trace.equal(got[micro_batch])
+            assert torch.equal(trace.tokens, got[micro_batch].tokens)
+
+
+def test_per_sequence_traces_of_another_batch_are_refused() -> None:
+    traces = [RoutingTrace(torch.zeros(n, 1, 1, dtype=torch.int64), (0,), 4) for n in (3, 5)]
+    plan = plan_thd(torch.tensor([3, 4]))
+    with pytest.raises(
+        TraceError, match="Sequence 1's trace holds 5 tokens; the plan's lengths say 4"
+    ):
+        plan.rank_routes(traces)
+    with pytest.raises(TraceError, match="2 traces were given for the plan's 1 sequences"):
+        plan_thd(torch.tensor([3])).rank_routes(traces)
+    other = RoutingTrace(torch.zeros(4, 1, 1, dtype=torch.int64), (0,), 5)
+    with pytest.raises(TraceError, match="Sequence 1's trace"):
+        plan.rank_routes([traces[0], other])

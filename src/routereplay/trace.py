@@ -11,6 +11,7 @@ every slot on the layer axis. The layer axis never has to be guessed from its wi
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -94,7 +95,7 @@ class RoutingTrace:
     @property
     def num_rows(self) -> int:
         """Tokens covered: the product of the leading axes."""
-        return int(np.prod(self.token_shape))
+        return math.prod(self.experts.shape[:-2])
 
     def expert_ids(self) -> torch.Tensor:
         """`[..., layers, top_k]` as int64, ready for indexing."""

@@ -10,12 +10,13 @@ plan straight from the batch's tokens to what that rank's routers see.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from routereplay.align.gather import SequenceTraces
 from routereplay.align.layouts import check_cp_chunks, pack_plan, padded_lengths, rank_plan
 from routereplay.align.micro_batches import MicroBatches, fixed_micro_batches
 from routereplay.align.plan import (
@@ -74,7 +75,7 @@ class ThdPlan:
 
     def rank_routes(
         self,
-        trace: RoutingTrace,
+        trace: RoutingTrace | Sequence[RoutingTrace],
         cp_rank: int = 0,
         tp_rank: int = 0,
         layers: Iterable[int] | None = None,
@@ -82,9 +83,12 @@ class ThdPlan:
         """What one trainer rank replays: micro-batch -> its piece of `trace`, the mapping
         `ReplayController.replay` takes.
 
-        Only this rank's tokens and, with `layers` (its pipeline stages' routed layers,
-        `MoELayout.rank_moe_layers`), only those layers' ids are moved: a rank of a
-        CP x PP job copies 1 / (cp_size * pp_size) of the batch's ids.
+        `trace` is the batch's `[sum(lengths), layers, top_k]` or, as engines hand them
+        over, one trace per sequence in batch order, which are gathered from directly
+        (no join of the batch first). Only this rank's tokens and, with `layers` (its
+        pipeline stages' routed layers, `MoELayout.rank_moe_layers`), only those
+        layers' ids are moved: a rank of a CP x PP job copies 1 / (cp_size * pp_size)
+        of the batch's ids.
         """
         ranks = {(piece.cp_rank, piece.tp_rank) for piece in self.pieces}
         if (cp_rank, tp_rank) not in ranks:
@@ -96,11 +100,17 @@ class ThdPlan:
                 "parallelism (sp_size=1) every TP rank replays tp_rank=0's piece."
             )
         wanted = None if layers is None else tuple(layers)
-        return {
-            piece.micro_batch: plan.apply_trace(trace, wanted)
+        mine = {
+            piece.micro_batch: plan
             for piece, plan in self.pieces.items()
             if (piece.cp_rank, piece.tp_rank) == (cp_rank, tp_rank)
         }
+        if isinstance(trace, RoutingTrace):
+            return {
+                micro_batch: plan.apply_trace(trace, wanted) for micro_batch, plan in mine.items()
+            }
+        sequences = SequenceTraces(trace, self.lengths)
+        return {micro_batch: sequences.gather(plan, wanted) for micro_batch, plan in mine.items()}
 
     def restore(self, pieces: Mapping[Piece, torch.Tensor]) -> torch.Tensor:
         """Every piece's `[tokens, *rest]` -> `[sum(lengths), *rest]` in batch order."""

@@ -1,0 +1,172 @@
+"""A rank's share of a batch straight from the per-sequence traces, joined nowhere.
+
+Engines hand over one trace per sequence. A rank of a CP x PP job replays
+1 / (cp_size * pp_size) of the batch's ids: joining every sequence into one batch trace
+first, then gathering the rank's rows, copies the stage's ids twice. Here each piece's
+token axis is cut into runs of consecutive tokens of one sequence, and each run is
+copied once, from its sequence's trace into the piece's buffer; padding is written -1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from routereplay.align.plan import PAD, LayerRuns, TokenPlan, layer_runs, ragged_arange
+from routereplay.errors import TraceError
+from routereplay.trace import RoutingTrace
+
+# Runs of at least this many rows on average are copied one by one; shorter ones (many
+# short sequences) are joined per piece first, where per-run overhead would dominate.
+SHORTEST_RUN = 64
+
+
+class SequenceTraces:
+    """Per-sequence traces `[lengths[i], layers, top_k]` of one batch, checked once and
+    read by any number of plans over the batch's token axis (sequences end to end)."""
+
+    def __init__(self, traces: Sequence[RoutingTrace], lengths: torch.Tensor) -> None:
+        if not traces:
+            raise TraceError("No traces were given: a batch needs at least one sequence.")
+        first = traces[0]
+        shape = (first.layers, first.top_k, first.num_experts, first.tokens is not None)
+        for index, trace in enumerate(traces):
+            if trace.experts.ndim != 3:
+                raise TraceError(
+                    f"Sequence {index}'s trace has token axes {list(trace.token_shape)}; a "
+                    "per-sequence trace is [tokens, layers, top_k]."
+                )
+            if (trace.layers, trace.top_k, trace.num_experts, trace.tokens is not None) != shape:
+                trace.check_compatible(
+                    first,
+                    names=(f"Sequence {index}'s trace", "sequence 0's"),
+                    fix="convert every trace to the same layers first (select_layers).",
+                )
+                raise TraceError(
+                    f"Sequence {index}'s trace {'has no' if first.tokens is not None else 'has'} "
+                    "token ids and sequence 0's does not: join traces that all know their "
+                    "tokens (engine traces), or none (RoutingTrace.with_tokens)."
+                )
+        found, wanted = [trace.experts.shape[0] for trace in traces], lengths.tolist()
+        if len(found) != len(wanted):
+            raise TraceError(
+                f"{len(found)} traces were given for the plan's {len(wanted)} sequences: "
+                "pass the traces of the batch the plan was made for, in order."
+            )
+        for index, (count, length) in enumerate(zip(found, wanted, strict=True)):
+            if count != length:
+                raise TraceError(
+                    f"Sequence {index}'s trace holds {count} tokens; the plan's lengths say "
+                    f"{length}: pass the traces of the batch the plan was made for, in order."
+                )
+        self.traces = list(traces)
+        self.first = first
+        self.starts = lengths.cumsum(0) - lengths  # [sequences]: each one's first row
+        self._tokens = (
+            torch.cat([t.tokens for t in traces if t.tokens is not None])
+            if first.tokens is not None
+            else None
+        )
+
+    def gather(self, plan: TokenPlan, layers: Sequence[int] | None = None) -> RoutingTrace:
+        """`plan`'s rows `[*plan.token_shape, layers, top_k]` (only `layers`, when given),
+        padding -1, copied from the traces once."""
+        kept = layer_runs(self.first, self.first.layers if layers is None else layers)
+        experts = torch.empty(
+            (plan.num_tokens, len(kept.layers), self.first.top_k),
+            dtype=self.first.experts.dtype,
+            device=self.first.experts.device,
+        )
+        experts.index_fill_(0, plan.padding_positions.to(experts.device), PAD)
+        runs = _runs(plan, self.starts)
+        if experts.device.type == "cpu" and runs.num_runs:
+            if runs.rows_per_run >= SHORTEST_RUN:
+                self._copy_runs(experts.numpy(), runs, kept)
+            else:
+                self._join_and_take(experts, runs, kept)
+        else:
+            for begin, sequence, row, count in runs.as_list():
+                _copy_run(experts, self.traces[sequence].experts, begin, row, count, kept)
+        tokens = None if self._tokens is None else plan.apply(self._tokens, PAD)
+        return self.first.derive(
+            experts.reshape(*plan.token_shape, *experts.shape[1:]),
+            kept.layers,
+            None if tokens is None else tokens.reshape(plan.token_shape),
+        )
+
+    def _copy_runs(self, out: np.ndarray[Any, Any], runs: Runs, kept: LayerRuns) -> None:
+        # Host copies through numpy: a few microseconds a run, where torch's dispatch
+        # (and its thread pool, on a busy machine) costs many times that.
+        for begin, sequence, row, count in runs.as_list():
+            _copy_run(out, self.traces[sequence].experts.numpy(), begin, row, count, kept)
+
+    def _join_and_take(self, out: torch.Tensor, runs: Runs, kept: LayerRuns) -> None:
+        """Short runs: join the kept layers of the runs' sequences (those of this piece
+        only, in C), then one row gather into `out`: per-run overhead would dominate."""
+        sequences = torch.unique(runs.sequences)  # sorted
+        pieces = [self.traces[i].experts for i in sequences.tolist()]
+        joined = torch.cat([_kept_layers(experts, kept) for experts in pieces])
+        lengths = torch.tensor([e.shape[0] for e in pieces], dtype=torch.int64)
+        joined_starts = torch.zeros(len(self.traces), dtype=torch.int64)
+        joined_starts[sequences] = lengths.cumsum(0) - lengths
+        at = ragged_arange(runs.begins, runs.counts)
+        rows = ragged_arange(joined_starts[runs.sequences] + runs.rows, runs.counts)
+        out.index_copy_(0, at, joined.index_select(0, rows))
+
+
+class Runs(NamedTuple):
+    """Runs of consecutive rows of one sequence on a plan's token axis: each run's
+    output position, sequence, first row in that sequence and length (int64 `[runs]`)."""
+
+    begins: torch.Tensor
+    sequences: torch.Tensor
+    rows: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def num_runs(self) -> int:
+        return self.begins.numel()
+
+    @property
+    def rows_per_run(self) -> float:
+        return float(self.counts.sum()) / max(self.num_runs, 1)
+
+    def as_list(self) -> list[tuple[int, int, int, int]]:
+        columns = (self.begins, self.sequences, self.rows, self.counts)
+        return list(zip(*(column.tolist() for column in columns), strict=True))
+
+
+def _runs(plan: TokenPlan, starts: torch.Tensor) -> Runs:
+    """The runs of `plan`'s token axis, padding left out; `starts [sequences]` is where
+    each sequence begins on the source axis."""
+    positions = (plan.rows >= 0).nonzero().flatten()
+    rows = plan.rows[positions]
+    sequences = torch.searchsorted(starts, rows, right=True) - 1
+    breaks = torch.ones(positions.numel(), dtype=torch.bool)
+    breaks[1:] = (
+        (positions[1:] != positions[:-1] + 1)
+        | (rows[1:] != rows[:-1] + 1)
+        | (sequences[1:] != sequences[:-1])
+    )
+    first = breaks.nonzero().flatten()
+    counts = torch.diff(first, append=torch.tensor([positions.numel()]))
+    begin_sequences = sequences[first]
+    return Runs(positions[first], begin_sequences, rows[first] - starts[begin_sequences], counts)
+
+
+def _copy_run(out: Any, source: Any, begin: int, row: int, count: int, kept: LayerRuns) -> None:
+    """Rows `row .. row + count` of `source [tokens, layers, top_k]` (`kept`'s layers) to
+    `out[begin ..]`: numpy arrays on the host, tensors on a device."""
+    column = 0
+    for first, end in kept.runs:
+        width = end - first
+        out[begin : begin + count, column : column + width] = source[row : row + count, first:end]
+        column += width
+
+
+def _kept_layers(experts: torch.Tensor, kept: LayerRuns) -> torch.Tensor:
+    """`experts [tokens, layers, top_k]` on `kept`'s layers only (a view for one run)."""
+    return kept.join(lambda first, end: experts[:, first:end])
