@@ -87,3 +87,37 @@ def test_a_dense_layer_holding_ids_is_reported_at_its_sequence_position() -> Non
     rows = np.array([[[0, 0], [3, 4]], [[1, 2], [5, 6]]], np.uint8)
     with pytest.raises(TraceError, match=r"token 4\), layer 0,.*dense"):
         RoutingTrace.from_all_layers(rows, layout, "vllm", start=3, num_tokens=6)
+
+
+def test_unsigned_ids_hold_no_route_on_every_path() -> None:
+    # 255 is an expert id in uint8, never -1: torch would compare it equal to -1.
+    experts = torch.tensor([[[255, 3]], [[3, 3]]], dtype=torch.uint8)
+    assert not has_partial_rows(experts)
+    assert not has_partial_rows(experts.numpy())
+    assert has_repeated_rows(experts) and has_repeated_rows(experts.numpy())
+    assert id_range(torch.tensor([[[7, 300]]], dtype=torch.uint16)) == (7, 300)
+
+
+def test_rows_of_no_or_one_expert_repeat_nothing() -> None:
+    assert not has_repeated_rows(np.zeros((3, 2, 1), np.int8))
+    assert not has_partial_rows(np.zeros((3, 2, 0), np.int8))
+    assert not has_repeated_rows(np.zeros((3, 2, 0), np.int8))
+
+
+def test_rows_placed_outside_their_sequence_are_refused() -> None:
+    layout = MoELayout.from_dense_pattern([1], num_experts=8, top_k=2)
+    rows = np.array([[[1, 2]], [[3, 4]]], np.uint8)
+    for start, num_tokens in ((-1, 3), (2, 3)):
+        with pytest.raises(TraceError, match="do not fit a sequence"):
+            RoutingTrace.from_all_layers(rows, layout, start=start, num_tokens=num_tokens)
+    batch = rows[None]
+    with pytest.raises(TraceError, match="one token axis"):
+        RoutingTrace.from_all_layers(batch, layout, start=1, num_tokens=3)
+
+
+def test_a_trace_never_shares_the_callers_tensor() -> None:
+    layout = MoELayout.from_dense_pattern([1, 1], num_experts=8, top_k=2)
+    experts = torch.tensor([[[1, 2], [3, 4]]], dtype=torch.int8)
+    trace = RoutingTrace.from_all_layers(experts, layout)
+    experts[0, 0, 0] = 7
+    assert trace.experts[0, 0, 0] == 1

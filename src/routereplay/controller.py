@@ -57,7 +57,7 @@ class ReplayController:
         label: str = "",
     ):
         self.layout = layout
-        self.strict = strict
+        self._strict = strict
         self.source = source
         # Where this controller runs ("pp_rank 1"), prefixed to the errors of replay().
         self.label = label
@@ -74,6 +74,17 @@ class ReplayController:
         self._serial = 0
         # Traces whose token ids were checked against their batch's already.
         self._verified: weakref.WeakSet[RoutingTrace] = weakref.WeakSet()
+
+    @property
+    def strict(self) -> bool:
+        """Whether a router without routes to replay is an error (not native routing);
+        a change applies at once, inside an open context too."""
+        return self._strict
+
+    @strict.setter
+    def strict(self, strict: bool) -> None:
+        self._strict = strict
+        self._context_routes.strict = strict
 
     # -- modes --------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+# The one value meaning "no route" (re-exported by routereplay.trace).
 NO_ROUTE = -1
 # Rows (token, layer pairs) per block: 64K rows of top-8 int8 ids are 512 KB, and the
 # block's comparison results stay in L2 next to them.
@@ -33,12 +34,23 @@ def id_range(experts: Ids) -> tuple[int, int]:
         return 0, -1
     if isinstance(experts, np.ndarray):
         return int(experts.min()), int(experts.max())
+    if not experts.dtype.is_signed and experts.dtype != torch.uint8:
+        experts = experts.to(torch.int64)  # torch has no aminmax for uint16 and wider
     low, high = torch.aminmax(experts)
     return int(low), int(high)
 
 
+def _may_hold_no_route(experts: Ids) -> bool:
+    """Unsigned ids cannot be -1 (torch would read 255 as -1 in a comparison)."""
+    if isinstance(experts, np.ndarray):
+        return bool(experts.dtype.kind == "i")
+    return bool(experts.dtype.is_signed)
+
+
 def has_partial_rows(experts: Ids) -> bool:
     """Whether some row mixes -1 with expert ids (a row is all -1 or fully routed)."""
+    if not _may_hold_no_route(experts) or experts.shape[-1] == 0:
+        return False
     rows = _host_rows(experts)
     if rows is None:
         assert isinstance(experts, torch.Tensor)
@@ -56,10 +68,15 @@ def has_partial_rows(experts: Ids) -> bool:
 
 def has_repeated_rows(experts: Ids) -> bool:
     """Whether some routed row names one expert twice (-1 rows are not routed)."""
+    if experts.shape[-1] < 2:
+        return False
     rows = _host_rows(experts)
     if rows is None:
         assert isinstance(experts, torch.Tensor)
-        return bool((_repeated_torch(experts) & (experts[..., 0] != NO_ROUTE)).any())
+        found = _repeated_torch(experts)
+        if _may_hold_no_route(experts):
+            found &= experts[..., 0] != NO_ROUTE
+        return bool(found.any())
     top_k = rows.shape[-1]
     for columns in _blocks(rows):
         repeated = np.zeros(columns.shape[1], dtype=bool)
@@ -68,7 +85,8 @@ def has_repeated_rows(experts: Ids) -> bool:
             for j in range(i + 1, top_k):
                 np.equal(columns[i], columns[j], out=equal)
                 repeated |= equal
-        repeated &= columns[0] != NO_ROUTE
+        if columns.dtype.kind == "i":
+            repeated &= columns[0] != NO_ROUTE
         if repeated.any():
             return True
     return False

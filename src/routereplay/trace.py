@@ -22,10 +22,14 @@ import torch
 from routereplay.checks import exact_int, exact_ints
 from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
-from routereplay.id_checks import has_partial_rows, has_repeated_rows, id_range, repeated_mask
+from routereplay.id_checks import NO_ROUTE as NO_ROUTE  # its one home, re-exported
+from routereplay.id_checks import (
+    has_partial_rows,
+    has_repeated_rows,
+    id_range,
+    repeated_mask,
+)
 from routereplay.layout import MoELayout
-
-NO_ROUTE = -1
 
 ExpertArray = torch.Tensor | np.ndarray[Any, Any]
 
@@ -297,7 +301,8 @@ class RoutingTrace:
 
         `start`, `num_tokens` (one token axis): the array holds the rows of tokens
         `start ..` of a sequence of `num_tokens`; the tokens before and after have no
-        route (-1). The ids are copied once, into the trace's compact dtype.
+        route (-1), and errors name positions in the sequence. The ids are copied once,
+        into the trace's compact dtype; the trace never shares the caller's memory.
         """
         if isinstance(experts, np.ndarray) and np.issubdtype(experts.dtype, np.integer):
             full: ExpertArray = experts  # numpy keeps an engine's uint8 without widening
@@ -313,6 +318,14 @@ class RoutingTrace:
         except LayoutError as error:
             raise TraceError(f"{error} Found shape {tuple(full.shape)}.") from None
         placed = (start, full.shape[0] + start if num_tokens is None else num_tokens)
+        if placed != (0, full.shape[0]) and (
+            full.ndim != 3 or not 0 <= start <= placed[1] - full.shape[0]
+        ):
+            raise TraceError(
+                f"Rows of shape {list(full.shape)} placed from token {start} do not fit a "
+                f"sequence of {placed[1]} tokens: placing needs one token axis and "
+                "0 <= start <= num_tokens - rows."
+            )
         if axis == "all_layers":
             _check_dense(full, layout, placed[0])
             routed = _routed_columns(full, layout.moe_layers)
@@ -564,7 +577,11 @@ def _placed(routed: ExpertArray, num_experts: int, start: int, num_tokens: int) 
     elsewhere, in the compact dtype (range-checked first: nothing wraps)."""
     rows = routed.shape[0]
     if (start, num_tokens) == (0, rows):
-        return _as_int_tensor(routed, "experts", num_experts)
+        narrow = _as_int_tensor(routed, "experts", num_experts)
+        shared = isinstance(routed, torch.Tensor) and (
+            narrow.untyped_storage().data_ptr() == routed.untyped_storage().data_ptr()
+        )
+        return narrow.clone() if shared else narrow  # never the caller's buffer
     if not _in_range(routed, num_experts):  # widened, so that the trace reports the id
         wide = torch.full((num_tokens, *routed.shape[1:]), NO_ROUTE, dtype=torch.int64)
         wide[start : start + rows] = _as_int_tensor(routed, "experts")

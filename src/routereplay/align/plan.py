@@ -40,15 +40,14 @@ class TokenPlan:
     source_rows: how many rows (tokens) the source axis holds.
     token_shape: the output token axes, `(tokens,)` or `(batch, seq)`; `apply` returns
                  them.
-    padding:     int64 `[padding positions]`: the output positions that are padding
-                 (where `rows` is -1), when the builder knows them; found otherwise.
     """
 
     rows: torch.Tensor
     lengths: torch.Tensor
     source_rows: int
     token_shape: tuple[int, ...]
-    padding: torch.Tensor | None = field(default=None, repr=False)
+    # The output positions that are padding, when `from_runs` knows them already.
+    _known_padding: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.rows.dtype != torch.int64 or self.rows.ndim != 1:
@@ -89,8 +88,10 @@ class TokenPlan:
         padding = begin < 0
         positions = ragged_arange(placed[padding], counts[padding])
         source.index_fill_(0, positions, PAD)
-        # The padding positions are known here: saves a pass over `rows` at apply time.
-        return cls(source, lengths, source_rows, (tokens,), padding=positions)
+        plan = cls(source, lengths, source_rows, (tokens,))
+        # Known here: saves a pass over `rows` at apply time.
+        object.__setattr__(plan, "_known_padding", positions)
+        return plan
 
     @property
     def num_tokens(self) -> int:
@@ -116,8 +117,8 @@ class TokenPlan:
     @functools.cached_property
     def padding_positions(self) -> torch.Tensor:
         """int64 `[padding positions]`: the output positions that are padding."""
-        if self.padding is not None:
-            return self.padding
+        if self._known_padding is not None:
+            return self._known_padding
         return (self.rows < 0).nonzero().flatten()
 
     @functools.cached_property

@@ -25,13 +25,12 @@ from torch import nn
 from routereplay.controller import ReplayController
 from routereplay.errors import LayoutError, ReplayError
 from routereplay.errors import short_ids as _short
+from routereplay.families.config import ConfigView
 from routereplay.families.table import FAMILIES, SUPPORTED_FAMILIES, family_of, hf_layout
 from routereplay.routing import RouterSpec
 
 # Marks a router this module patched (and no other library's hook).
 _PATCHED = "_routereplay_attached"
-_ROUTER_NAMES = "|".join(sorted({family.router_name for family in FAMILIES.values()}))
-_ROUTER_PATH = re.compile(rf"(?:^|\.)layers\.(\d+)\.mlp\.(?:{_ROUTER_NAMES})$")
 # Wrappers that insert a level into module names: activation checkpointing's
 # checkpoint_wrapper, FSDP1, torch.compile.
 _WRAPPER_LEVEL = re.compile(
@@ -86,15 +85,26 @@ def attach(model: nn.Module, *, strict: bool = True, source: str = "hf") -> Repl
 
 
 def find_routers(model: nn.Module) -> dict[int, nn.Module]:
-    """Router modules by global decoder layer id, in layer order."""
+    """Router modules by global decoder layer id, in layer order: the modules named by
+    the model's family (`Family.router_name`) under `layers[i].mlp`; any family's name
+    for a model whose config names no family we know."""
+    path = _router_path(model)
     found: dict[int, nn.Module] = {}
     for name, module in model.named_modules():
-        match = _ROUTER_PATH.search(_WRAPPER_LEVEL.sub("", name))
+        match = path.search(_WRAPPER_LEVEL.sub("", name))
         # shared_expert_gate and plain Linear gates are not routers: a router has experts
         # beside it and a `top_k`.
         if match and hasattr(module, "top_k") and hasattr(module, "weight"):
             found[int(match.group(1))] = module
     return dict(sorted(found.items()))
+
+
+def _router_path(model: nn.Module) -> re.Pattern[str]:
+    config = getattr(model, "config", None)
+    family = FAMILIES.get(ConfigView(config).model_type) if config is not None else None
+    names = {family.router_name} if family else {f.router_name for f in FAMILIES.values()}
+    alternatives = "|".join(sorted(re.escape(name) for name in names))
+    return re.compile(rf"(?:^|\.)layers\.(\d+)\.mlp\.(?:{alternatives})$")
 
 
 def _patch_router(

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from routereplay.errors import LayoutError
 from routereplay.layout import MoELayout
 from routereplay.pipeline_split import PipelineSplit
 
@@ -102,6 +103,12 @@ def split_model(
     (non-reentrant); transformers' `gradient_checkpointing_enable()` on the full model
     works too, the stages run its layers.
     """
+    if not 0 <= pp_rank < pp_size or stages_per_rank < 1:
+        raise LayoutError(
+            f"pp_rank={pp_rank} with stages_per_rank={stages_per_rank} is not a rank of a "
+            f"pipeline of pp_size={pp_size}: pp_rank lies in [0, pp_size), and a rank "
+            "holds at least one stage."
+        )
     layout = MoELayout.from_hf_config(model.config)
     # Megatron's chunk k is the loop layout's stage k; cutting as over one rank per
     # stage places the same layers and also lets a single rank hold several stages.
