@@ -166,6 +166,7 @@ class MoELayout:
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
+        """Global ids of the decoder layers without a router."""
         return tuple(i for i in range(self.num_layers) if i not in self._moe_set)
 
     @property

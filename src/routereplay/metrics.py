@@ -41,6 +41,7 @@ class RoutingAgreement:
     jaccard: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict, for JSON and loggers."""
         return asdict(self)
 
 
@@ -102,6 +103,7 @@ class LogProbMismatch:
     max_ratio: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict, for JSON and loggers."""
         return asdict(self)
 
 

@@ -67,6 +67,7 @@ class Recording:
 
     @property
     def micro_batches(self) -> list[MicroBatch]:
+        """The micro-batch keys recorded, in the order they first routed."""
         return list(dict.fromkeys(mb for mb, _ in self._ids))
 
     @property
@@ -86,6 +87,8 @@ class Recording:
         return self.trace_for(batches[0])
 
     def trace_for(self, micro_batch: MicroBatch) -> RoutingTrace:
+        """The trace of `micro_batch`: `[*token_shape, recorded layers, top_k]`, padding
+        as -1, with the batch's token ids when the adapter published them."""
         layers = sorted(layer for mb, layer in self._ids if mb == micro_batch)
         if not layers:
             raise TraceError(f"Nothing was recorded for micro-batch {micro_batch!r}.")

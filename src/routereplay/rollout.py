@@ -89,10 +89,12 @@ class Rollout:
 
     @property
     def prompt_len(self) -> int:
+        """Tokens in the prompt."""
         return len(self.prompt_ids)
 
     @property
     def completion_len(self) -> int:
+        """Sampled tokens."""
         return len(self.completion_ids)
 
     @property

@@ -69,6 +69,7 @@ class RouterSpec:
 
     @property
     def grouped(self) -> bool:
+        """Whether selection is group-limited (`n_group > 1`)."""
         return self.n_group > 1
 
     @classmethod

@@ -25,6 +25,8 @@ class LayerStats:
 
     @property
     def disagreement_rate(self) -> float:
+        """`disagreed / replayed`: the share of replayed rows the live router would route
+        elsewhere (0 when nothing was replayed)."""
         return self.disagreed / self.replayed if self.replayed else 0.0
 
 
