@@ -332,12 +332,7 @@ class RoutingTrace:
         else:
             routed = full
         try:
-            trace = cls(
-                _placed(routed, layout.num_experts, *placed),
-                layout.moe_layers,
-                layout.num_experts,
-                source,
-            )
+            trace = cls._from_engine_rows(routed, layout, source, placed)
         except TraceError:
             # With top_k >= 2 a never-captured layer's zero rows are repeats: say why.
             _check_capture(_as_int_tensor(routed, "experts"), layout.moe_layers, source)
@@ -345,6 +340,20 @@ class RoutingTrace:
         if trace.top_k == 1:  # zero rows repeat nothing with one expert per token
             _check_capture(trace.experts, layout.moe_layers, source)
         return trace
+
+    @classmethod
+    def _from_engine_rows(
+        cls, routed: ExpertArray, layout: MoELayout, source: str, placed: tuple[int, int]
+    ) -> RoutingTrace:
+        experts = _placed(routed, layout.num_experts, *placed)
+        unsigned = isinstance(routed, np.ndarray) and routed.dtype.kind == "u"
+        if not unsigned or experts.dtype != storage_dtype(layout.num_experts):
+            return cls(experts, layout.moe_layers, layout.num_experts, source)
+        # An engine's unsigned ids hold no -1, so only repeats can be wrong: scanned on
+        # the engine's own rows; the -1 rows placed around them are whole by making.
+        if has_repeated_rows(routed):
+            return cls(experts, layout.moe_layers, layout.num_experts, source)  # names it
+        return cls.from_verified_rows(experts, layout.moe_layers, layout.num_experts, source)
 
     def to_all_layers(self, layout: MoELayout) -> torch.Tensor:
         """Engine-style `[..., num_layers, top_k]`: dense layers as zeros, -1 rows kept."""
