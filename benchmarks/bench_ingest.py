@@ -25,7 +25,7 @@ forked child process per case (the parent's own allocations do not count).
 
 ns per id counts the batch's routed ids (tokens x 48 x 8). Ratios are what to read.
 
-    python benchmarks/bench_ingest.py [--sequences 1000] [--rounds 3] [--json]
+    python benchmarks/bench_ingest.py [--sequences 1000] [--rounds 3] [--device cuda] [--json]
 """
 
 from __future__ import annotations
@@ -176,11 +176,19 @@ def decoded_traces(work: Workload) -> list[RoutingTrace]:
 
 
 def rank_share(work: Workload, traces: list[RoutingTrace]) -> dict[int, np.ndarray[Any, Any]]:
-    from routereplay.align import concat_traces
-
-    batch = concat_traces(traces, layers=work.stage_layers)[0]
-    routes = work.plan().rank_routes(batch, cp_rank=RANK, layers=work.stage_layers)
+    routes = work.plan().rank_routes(traces, cp_rank=RANK, layers=work.stage_layers)
     return {micro_batch: trace.experts.numpy() for micro_batch, trace in routes.items()}
+
+
+def device_share(work: Workload, traces: list[RoutingTrace]) -> dict[int, torch.Tensor]:
+    routes = work.plan().rank_routes(traces, cp_rank=RANK, layers=work.stage_layers)
+    return {micro_batch: trace.experts for micro_batch, trace in routes.items()}
+
+
+def synchronized(device: torch.device, body: Callable[[], object]) -> object:
+    result = body()
+    torch.cuda.synchronize(device)
+    return result
 
 
 def write_file(layout: MoELayout, traces: list[RoutingTrace], path: Path, encoding: Any) -> None:
@@ -249,6 +257,7 @@ def main() -> None:
     parser.add_argument("--min-len", type=int, default=256)
     parser.add_argument("--max-len", type=int, default=1792)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--device", default="cpu", help="also align on this device (cuda)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # steadier on a shared machine; every case alike
@@ -281,6 +290,19 @@ def main() -> None:
         "ours: file read, compact": lambda: read_file(files["compact"]),
         "ours: file read, packed": lambda: read_file(files["packed"]),
     }
+    if args.device != "cpu":
+        # The rank's share built on the device from traces already there: the plan's
+        # runs come from host lengths, so no device-to-host copy is waited for.
+        device = torch.device(args.device)
+        on_device = [t.derive(t.experts.to(device), t.layers, t.tokens) for t in traces]
+        check_equal(
+            {k: v.cpu().numpy() for k, v in device_share(work, on_device).items()},
+            reference,
+            f"ours, on {device}",
+        )
+        cases[f"ours: align on {device}"] = lambda: synchronized(
+            device, lambda: device_share(work, on_device)
+        )
     samples: dict[str, list[float]] = {case: [] for case in cases}
     for _ in range(args.rounds):  # interleaved, so noise hits every case alike
         for case, body in cases.items():

@@ -27,13 +27,23 @@ CALLS = 40
 
 
 def router_overhead(
-    tokens: int = 2048, experts: int = 64, top_k: int = 8, rounds: int = 7
+    tokens: int = 2048,
+    experts: int = 64,
+    top_k: int = 8,
+    rounds: int = 7,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """Median seconds per case and the ratios against native selection (JSON data)."""
+    """Median seconds per case and the ratios against native selection (JSON data).
+
+    On a GPU (`device="cuda"`) the logits live there in `dtype` and every timing ends
+    with a synchronize; the routes to replay stay on the host, as a trainer holds
+    them, and are copied to the router's device per call.
+    """
     torch.manual_seed(0)
     layout = MoELayout.from_dense_pattern([1], experts, top_k)
     spec = RouterSpec(top_k, "softmax", renormalize=True)
-    logits = torch.randn(tokens, experts)
+    logits = torch.randn(tokens, experts, device=device, dtype=dtype)
     leaf = logits.clone().requires_grad_()
     controller = ReplayController(layout)
     with controller.record() as recording:
@@ -41,19 +51,27 @@ def router_overhead(
     # One micro-batch key per call, so every call is a first visit, not a recompute.
     routes = dict.fromkeys(range(CALLS), recording.trace)
 
+    def synchronize() -> None:
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+
     def per_call(body: Callable[[], object], mode: str) -> float:
         context = controller.replay(routes) if mode == "replay" else controller.record()
         with context:
+            synchronize()
             start = time.perf_counter()
             for micro_batch in range(CALLS):
                 controller.set_micro_batch(micro_batch)
                 body()
+            synchronize()
             return (time.perf_counter() - start) / CALLS
 
     def plain(body: Callable[[], object]) -> float:
+        synchronize()
         start = time.perf_counter()
         for _ in range(CALLS):
             body()
+        synchronize()
         return (time.perf_counter() - start) / CALLS
 
     def replay_entry() -> float:
@@ -84,7 +102,13 @@ def router_overhead(
         "replay / native fwd+bwd": median["replay fwd+bwd"] / median["native fwd+bwd"],
         "replay entry / native select": median["replay entry"] / median["native select"],
     }
-    shape = {"tokens": tokens, "experts": experts, "top_k": top_k}
+    shape = {
+        "tokens": tokens,
+        "experts": experts,
+        "top_k": top_k,
+        "device": str(logits.device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
     return {"shape": shape, "seconds": median, "ratios": ratios}
 
 
