@@ -24,6 +24,8 @@ lint: $(STAMP)
 # nav, or a public name without a docstring fails the build. Its examples run in pytest
 # (tests/test_docs.py).
 docs: $(STAMP)
+	$(BIN)/ruff check docs/hooks
+	$(BIN)/ruff format --check docs/hooks
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 docs-serve: $(STAMP)

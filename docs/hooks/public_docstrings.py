@@ -60,7 +60,8 @@ MEMBERS = re.compile(r"members:\s*\[([^\]]*)\]")
 
 
 def on_pre_build(config: Any) -> None:
-    package = griffe.load("routereplay", search_paths=["src"])
+    source = Path(config["config_file_path"]).parent / "src"
+    package = griffe.load("routereplay", search_paths=[str(source)])
     missing: set[str] = set()
     for page in sorted((Path(config["docs_dir"]) / "reference").glob("*.md")):
         for identifier, options in DIRECTIVE.findall(page.read_text()):
