@@ -180,3 +180,10 @@ def test_the_extras_named_exist() -> None:
     for page in PAGES:
         for named in re.findall(r"routereplay\[([\w,]+)\]", page.read_text()):
             assert set(named.split(",")) <= extras, f"{page.name}: routereplay[{named}]"
+
+
+def test_the_readme_stays_a_front_page() -> None:
+    """Usage, design and benchmarks belong in docs/: the README is the commands, what the
+    project is, the demo, a quickstart and the map of the documentation."""
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines < 200, f"README.md has {lines} lines: move the detail to a page under docs/"
