@@ -26,7 +26,7 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/ruff check docs/hooks
 	$(BIN)/ruff format --check docs/hooks
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
