@@ -356,6 +356,19 @@ def token_checked_replay(rank: int) -> dict[str, str | None]:
         outcome["swapped"] = None
     except ReplayError as error:
         outcome["swapped"] = str(error)
+    # Coverage, before the schedule too: rank 1 lacks the model's last routed layer
+    # (its own), then every rank lacks micro-batch 2.
+    short = {mb: t.select_layers(t.layers[:-1]) for mb, t in traces.items()}
+    without = {mb: t for mb, t in traces.items() if mb != 2}
+    for case, routes in (
+        ("missing layer", short if rank == 1 else traces),
+        ("missing micro-batch", without),
+    ):
+        try:
+            rr_megatron.check_routes(controller, routes, num_micro_batches=MICRO_BATCHES)
+            outcome[case] = None
+        except ReplayError as error:
+            outcome[case] = str(error)
     return outcome
 
 
@@ -368,6 +381,18 @@ def test_routes_handed_to_the_wrong_micro_batch_fail_every_rank_before_the_sched
         rf"sequence 0, position 0, but the batch holds token {found} there"
     )
     assert [o["aligned"] for o in outcomes] == [None, None]
+    assert re.search(
+        r"^pp_rank 1: Layer \d+, micro-batch 0: the routes have no layer",
+        outcomes[1]["missing layer"] or "",
+    )
+    assert re.search(
+        r"^pp_rank 0: pipeline rank 1 of this group failed its route checks",
+        outcomes[0]["missing layer"] or "",
+    )
+    for outcome in outcomes:
+        assert re.search(
+            r"micro-batch 2: no routes were given", outcome["missing micro-batch"] or ""
+        )
     assert re.search(rf"^{reason}", outcomes[1]["swapped"] or ""), outcomes[1]["swapped"]
     assert re.search(
         rf"^pp_rank 0: pipeline rank 1 of this group failed its route checks, so no rank "

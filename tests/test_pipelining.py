@@ -351,32 +351,32 @@ def test_r2_replay_of_the_gathered_recording_reaches_the_experts_of_each_micro_b
             "missing layer",
             [
                 None,
-                r"^stage 3 \(pp_rank 1\), layer 6, micro-batch 0: the routes have no layer 6 "
-                r"\(they cover \[3, 4, 5, 7\]\); this stage routes \[6, 7\]",
+                r"^stage 3 \(pp_rank 1\): Layer 6, micro-batch 0: the routes have no layer 6 "
+                r"\(they cover \[3, 4, 5, 7\]\); the routers here route \[6, 7\]",
             ],
         ),
         (
             "extra micro-batch",
             [
-                r"^stage 0 \(pp_rank 0\), layers \[\]: routes were given for micro-batch 7, "
-                r"which the schedule does not run \(it runs micro-batches 0\.\.3\)",
-                r"^stage 1 \(pp_rank 1\), layers \[3\]: routes were given for micro-batch 7",
+                r"^stage 0 \(pp_rank 0\): Routes were given for micro-batch 7, which the "
+                r"schedule does not run \(it runs \[0, 1, 2, 3\]\)",
+                r"^stage 1 \(pp_rank 1\): Routes were given for micro-batch 7",
             ],
         ),
         (
             "missing micro-batch",
             [
-                r"^stage 2 \(pp_rank 0\), layer 4, micro-batch 2: no routes were given for "
+                r"^stage 2 \(pp_rank 0\): Layer 4, micro-batch 2: no routes were given for "
                 r"this micro-batch \(routes given for \[0, 1, 3\]\)",
-                r"^stage 1 \(pp_rank 1\), layer 3, micro-batch 2: no routes",
+                r"^stage 1 \(pp_rank 1\): Layer 3, micro-batch 2: no routes",
             ],
         ),
         (
             "wrong token count",
             [
-                r"^stage 2 \(pp_rank 0\), layer 4, micro-batch 0: the routes hold 8 rows "
-                r"\(token axes \[2, 4\]\) but the micro-batch is \[2, 8\] tokens",
-                r"^stage 1 \(pp_rank 1\), layer 3, micro-batch 0: the routes hold 8 rows",
+                r"^stage 2 \(pp_rank 0\): Layer 4, micro-batch 0: the routes hold 8 rows "
+                r"\(token axes \[2, 4\]\) but the micro-batch is 16 tokens",
+                r"^stage 1 \(pp_rank 1\): Layer 3, micro-batch 0: the routes hold 8 rows",
             ],
         ),
         (
@@ -450,11 +450,11 @@ def test_a_rank_whose_routes_fail_the_checks_fails_every_rank_before_the_schedul
     messages = run_on_ranks(one_rank_with_bad_routes, timeout_s=60.0)
     assert time.monotonic() - start < 45  # no rank waits out a process-group timeout
     assert re.search(
-        r"^stage 1 \(pp_rank 1\), layer 6, micro-batch 0: the routes have no layer 6", messages[1]
+        r"^stage 1 \(pp_rank 1\): Layer 6, micro-batch 0: the routes have no layer 6", messages[1]
     )
     assert re.search(
         r"^stage 0 \(pp_rank 0\): pipeline rank 1 of this group failed its route checks, so no "
-        r"rank runs the schedule: stage 1 \(pp_rank 1\), layer 6",
+        r"rank runs the schedule: stage 1 \(pp_rank 1\): Layer 6",
         messages[0],
     ), messages[0]
 

@@ -206,18 +206,35 @@ class ReplayController:
     # -- attachment -----------------------------------------------------------------------
 
     def check_routes(
-        self, routes: RoutingTrace | Mapping[Any, RoutingTrace]
+        self,
+        routes: RoutingTrace | Mapping[Any, RoutingTrace],
+        *,
+        micro_batches: Iterable[MicroBatch] | None = None,
+        layers: Iterable[int] | None = None,
+        rows: int | None = None,
     ) -> dict[MicroBatch, RoutingTrace]:
         """What `replay(routes)` checks on entry (each trace against the layout, its ids
-        if written since), without entering it; returns micro-batch -> trace."""
+        if written since), without entering it; returns micro-batch -> trace.
+
+        For schedules that must not fail halfway (a pipeline rank failing mid-schedule
+        leaves its peers waiting), also what a strict replay would otherwise find
+        missing only when a router asks: with `micro_batches` (those the schedule
+        runs), routes for exactly those; for each, every one of `layers` (default: the
+        routers attached to this controller); with `rows`, one row per token of each
+        micro-batch.
+        """
         by_batch = dict(routes) if isinstance(routes, Mapping) else {DEFAULT_MICRO_BATCH: routes}
-        for micro_batch, trace in by_batch.items():
-            try:
+        try:
+            for micro_batch, trace in by_batch.items():
                 _check_replayable(trace, self.layout, micro_batch)
-            except ReplayError as error:
-                if not self.label:
-                    raise
-                raise ReplayError(f"{self.label}: {error}") from error
+            if micro_batches is not None or layers is not None or rows is not None:
+                wanted = sorted(self._attachment.routers) if layers is None else list(layers)
+                scheduled = list(by_batch) if micro_batches is None else list(micro_batches)
+                _check_coverage(by_batch, scheduled, wanted, rows, self.strict)
+        except ReplayError as error:
+            if not self.label:
+                raise
+            raise ReplayError(f"{self.label}: {error}") from error
         return by_batch
 
     def check_tokens_of(
@@ -393,3 +410,41 @@ def _check_replayable(trace: RoutingTrace, layout: MoELayout, micro_batch: Micro
         trace.recheck()
     except TraceError as error:
         raise ReplayError(f"Micro-batch {micro_batch!r}: {error}") from error
+
+
+def _check_coverage(
+    routes: dict[MicroBatch, RoutingTrace],
+    micro_batches: list[MicroBatch],
+    layers: list[int],
+    rows: int | None,
+    strict: bool,
+) -> None:
+    """Routes for exactly `micro_batches`, each with `layers` (when strict) and `rows`."""
+    extra = [mb for mb in routes if mb not in micro_batches]
+    if extra:
+        raise ReplayError(
+            f"Routes were given for micro-batch {extra[0]!r}, which the schedule does not "
+            f"run (it runs {list(micro_batches)}). Key routes by micro-batch index."
+        )
+    for micro_batch in micro_batches:
+        trace = routes.get(micro_batch)
+        if trace is None:
+            if strict and layers:
+                raise ReplayError(
+                    f"Layer {layers[0]}, micro-batch {micro_batch!r}: no routes were given for "
+                    f"this micro-batch (routes given for {list(routes)})."
+                )
+            continue
+        missing = [layer for layer in layers if layer not in trace.layers]
+        if strict and missing:
+            raise ReplayError(
+                f"Layer {missing[0]}, micro-batch {micro_batch!r}: the routes have no layer "
+                f"{missing[0]} (they cover {_short(trace.layers)}); the routers here route "
+                f"{_short(layers)}."
+            )
+        if rows is not None and layers and trace.num_rows != rows:
+            raise ReplayError(
+                f"Layer {layers[0]}, micro-batch {micro_batch!r}: the routes hold "
+                f"{trace.num_rows} rows (token axes {list(trace.token_shape)}) but the "
+                f"micro-batch is {rows} tokens."
+            )

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from routereplay.align.plan import PAD, LayerRuns, TokenPlan, layer_runs, ragged_arange
+from routereplay.align.plan import PAD, LayerRuns, TokenPlan, layer_runs
 from routereplay.errors import TraceError
 from routereplay.trace import RoutingTrace
 
@@ -75,21 +75,22 @@ class SequenceTraces:
         """`plan`'s rows `[*plan.token_shape, layers, top_k]` (only `layers`, when given),
         padding -1, copied from the traces once."""
         kept = layer_runs(self.first, self.first.layers if layers is None else layers)
-        experts = torch.empty(
-            (plan.num_tokens, len(kept.layers), self.first.top_k),
-            dtype=self.first.experts.dtype,
-            device=self.first.experts.device,
-        )
-        experts.index_fill_(0, plan.padding_positions.to(experts.device), PAD)
         runs = _runs(plan, self.starts)
-        if experts.device.type == "cpu" and runs.num_runs:
-            if runs.rows_per_run >= SHORTEST_RUN:
+        host = self.first.experts.device.type == "cpu"
+        if host and runs.num_runs and runs.rows_per_run < SHORTEST_RUN:
+            experts = self._join_and_take(plan, runs, kept)
+        else:
+            experts = torch.empty(
+                (plan.num_tokens, len(kept.layers), self.first.top_k),
+                dtype=self.first.experts.dtype,
+                device=self.first.experts.device,
+            )
+            experts.index_fill_(0, plan.padding_positions.to(experts.device), PAD)
+            if host:
                 self._copy_runs(experts.numpy(), runs, kept)
             else:
-                self._join_and_take(experts, runs, kept)
-        else:
-            for begin, sequence, row, count in runs.as_list():
-                _copy_run(experts, self.traces[sequence].experts, begin, row, count, kept)
+                for begin, sequence, row, count in runs.as_list():
+                    _copy_run(experts, self.traces[sequence].experts, begin, row, count, kept)
         tokens = None if self._tokens is None else plan.apply(self._tokens, PAD)
         return self.first.derive(
             experts.reshape(*plan.token_shape, *experts.shape[1:]),
@@ -103,18 +104,23 @@ class SequenceTraces:
         for begin, sequence, row, count in runs.as_list():
             _copy_run(out, self.traces[sequence].experts.numpy(), begin, row, count, kept)
 
-    def _join_and_take(self, out: torch.Tensor, runs: Runs, kept: LayerRuns) -> None:
-        """Short runs: join the kept layers of the runs' sequences (those of this piece
-        only, in C), then one row gather into `out`: per-run overhead would dominate."""
+    def _join_and_take(self, plan: TokenPlan, runs: Runs, kept: LayerRuns) -> torch.Tensor:
+        """Short runs: join the piece's sequences (only those, in one call), keep the
+        layers, then one row gather for every output position, padding from a -1 row
+        after the end: per-run (or per-sequence) dispatch would cost more than that."""
         sequences = torch.unique(runs.sequences)  # sorted
         pieces = [self.traces[i].experts for i in sequences.tolist()]
-        joined = torch.cat([_kept_layers(experts, kept) for experts in pieces])
+        joined = _kept_layers(torch.cat(pieces), kept)
         lengths = torch.tensor([e.shape[0] for e in pieces], dtype=torch.int64)
         joined_starts = torch.zeros(len(self.traces), dtype=torch.int64)
         joined_starts[sequences] = lengths.cumsum(0) - lengths
-        at = ragged_arange(runs.begins, runs.counts)
-        rows = ragged_arange(joined_starts[runs.sequences] + runs.rows, runs.counts)
-        out.index_copy_(0, at, joined.index_select(0, rows))
+        rows = plan.rows.clamp(min=0)
+        owner = torch.searchsorted(self.starts, rows, right=True) - 1
+        index = torch.where(
+            plan.rows >= 0, joined_starts[owner] + rows - self.starts[owner], joined.shape[0]
+        )
+        table = torch.cat([joined, joined.new_full((1, *joined.shape[1:]), PAD)])
+        return table.index_select(0, index)
 
 
 class Runs(NamedTuple):

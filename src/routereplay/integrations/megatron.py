@@ -99,18 +99,22 @@ def check_routes(
     routes: Mapping[int, RoutingTrace],
     token_ids: Mapping[int, torch.Tensor] | None = None,
     *,
+    num_micro_batches: int | None = None,
     group: Any = None,
 ) -> None:
     """Check, before the schedule runs, this rank's routes (micro-batch k -> sequence-first
-    trace) against the layout and, where `token_ids` (micro-batch k -> its input ids
-    `[batch, seq]`) are given and the traces know their tokens, against the tokens;
-    then agree with every rank of the pipeline `group` (default: megatron-core's) in
-    one collective, so that a rank with bad routes fails all ranks at once instead of
-    leaving them waiting inside the schedule.
+    trace) against the layout, that each covers every router attached on this rank
+    (and, with `num_micro_batches`, that micro-batches 0..n-1 all have routes), and,
+    where `token_ids` (micro-batch k -> its input ids `[batch, seq]`) are given and the
+    traces know their tokens, against the tokens; then agree with every rank of the
+    pipeline `group` (default: megatron-core's) in one collective, so that a rank with
+    bad routes fails all ranks at once instead of leaving them waiting inside the
+    schedule.
     """
     failure: Exception | None = None
     try:
-        controller.check_routes(dict(routes))
+        scheduled = list(routes) if num_micro_batches is None else range(num_micro_batches)
+        controller.check_routes(dict(routes), micro_batches=scheduled)
         for micro_batch, ids in (token_ids or {}).items():
             trace = routes.get(micro_batch)
             if trace is not None:

@@ -38,7 +38,6 @@ from torch.distributed.pipelining import PipelineStage
 from routereplay.align import stack_stages
 from routereplay.controller import Mode, ReplayController
 from routereplay.errors import ReplayError, RouteReplayError
-from routereplay.errors import short_ids as _short
 from routereplay.integrations.agreement import agree_on_checks
 from routereplay.integrations.hf_stages import StageModule, split_model
 from routereplay.layout import MoELayout
@@ -257,38 +256,16 @@ def check_stage_routes(
     (`ReplayController.check_routes`: each trace against the layout, its ids), then
     that the stage finds, for every micro-batch and routed layer it owns, routes with
     one row per token of its micro-batch. Errors name the stage and its pp_rank."""
+    tokens = stage.micro_batch_shape[0] * stage.micro_batch_shape[1]
     try:
-        stage.controller.check_routes(routes)
+        stage.controller.check_routes(
+            routes,
+            micro_batches=range(num_micro_batches),
+            layers=stage.routed_layers,
+            rows=tokens,
+        )
     except ReplayError as error:
         raise ReplayError(f"{stage.where}: {error}") from error
-    extra = [mb for mb in routes if mb not in range(num_micro_batches)]
-    if extra:
-        raise ReplayError(
-            f"{stage.where}, layers {_short(stage.routed_layers)}: routes were given for "
-            f"micro-batch {extra[0]!r}, which the schedule does not run (it runs "
-            f"micro-batches 0..{num_micro_batches - 1}). Key routes by micro-batch index."
-        )
-    tokens = stage.micro_batch_shape[0] * stage.micro_batch_shape[1]
-    for mb in range(num_micro_batches):
-        trace = routes.get(mb)
-        for layer in stage.routed_layers:
-            if trace is None:
-                raise ReplayError(
-                    f"{stage.where}, layer {layer}, micro-batch {mb}: no routes were given "
-                    f"for this micro-batch (routes given for {sorted(routes)})."
-                )
-            if layer not in trace.layers:
-                raise ReplayError(
-                    f"{stage.where}, layer {layer}, micro-batch {mb}: the routes have no "
-                    f"layer {layer} (they cover {_short(trace.layers)}); this stage routes "
-                    f"{_short(stage.routed_layers)}."
-                )
-        if trace is not None and stage.routed_layers and trace.num_rows != tokens:
-            raise ReplayError(
-                f"{stage.where}, layer {stage.routed_layers[0]}, micro-batch {mb}: the "
-                f"routes hold {trace.num_rows} rows (token axes {list(trace.token_shape)}) "
-                f"but the micro-batch is {list(stage.micro_batch_shape)} tokens."
-            )
 
 
 def gather_recording(
