@@ -40,6 +40,8 @@ DEFAULT_MICRO_BATCH: MicroBatch = 0
 
 
 class Mode(enum.Enum):
+    """What a controller does with router calls: route natively, record, or replay."""
+
     OFF = "off"
     RECORD = "record"
     REPLAY = "replay"
@@ -90,6 +92,7 @@ class ReplayController:
 
     @property
     def mode(self) -> Mode:
+        """The context now open (`Mode.OFF` outside `record()` and `replay()`)."""
         return self._mode
 
     @contextmanager
@@ -141,6 +144,7 @@ class ReplayController:
 
     @property
     def current_micro_batch(self) -> MicroBatch:
+        """The micro-batch key router calls are attributed to now."""
         return self._micro_batch
 
     @contextmanager

@@ -89,6 +89,7 @@ class RoutingTrace:
 
     @property
     def top_k(self) -> int:
+        """Experts per (token, layer): the last axis of `experts`."""
         return int(self.experts.shape[-1])
 
     @property

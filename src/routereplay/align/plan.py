@@ -95,6 +95,7 @@ class TokenPlan:
 
     @property
     def num_tokens(self) -> int:
+        """Positions on the output token axis, padding included."""
         return self.rows.numel()
 
     @property

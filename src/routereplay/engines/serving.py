@@ -85,6 +85,7 @@ class CompletionsServer:
 
     @property
     def url(self) -> str:
+        """`http://host:port` the server listens on (port 0 picks a free one)."""
         host, port = self._http.server_address[:2]
         return f"http://{host!s}:{port}"
 
@@ -95,9 +96,11 @@ class CompletionsServer:
         return self
 
     def serve_forever(self) -> None:
+        """Serve in this thread until `close()` (what `routereplay serve` runs)."""
         self._http.serve_forever()
 
     def close(self) -> None:
+        """Stop serving and release the port."""
         if self._thread is not None:
             self._http.shutdown()
             self._thread.join()
@@ -161,12 +164,14 @@ class CompletionsServer:
         )
 
     def models(self) -> dict[str, Any]:
+        """The `/v1/models` body: the one model served."""
         return {
             "object": "list",
             "data": [{"id": self.model_name, "object": "model", "owned_by": "routereplay"}],
         }
 
     def server_info(self) -> dict[str, Any]:
+        """The `/get_server_info` body TRL's client reads."""
         # The fields TRL's client reads: sampled log-probs are the processed ones (after
         # temperature), and there is no weight-transfer engine.
         return {

@@ -108,25 +108,31 @@ class TraceFile:
 
     @property
     def num_experts(self) -> int:
+        """Experts per routed layer of the model the routes were recorded on."""
         return self._layout.num_experts
 
     @property
     def top_k(self) -> int:
+        """Experts per (token, layer)."""
         return self._layout.top_k
 
     @property
     def bits_per_id(self) -> int:
+        """Bits each stored id takes: 8, 16 or 32 (compact), ceil(log2 experts) (packed)."""
         return self._codec.bits
 
     @property
     def has_tokens(self) -> bool:
+        """Whether the file holds every sequence's token ids."""
         return self._has_tokens
 
     @property
     def total_tokens(self) -> int:
+        """Tokens over all sequences."""
         return int(self._offsets[-1])
 
     def num_tokens(self, index: int) -> int:
+        """Tokens of sequence `index`."""
         index = self._index(index)
         return int(self._offsets[index + 1] - self._offsets[index])
 
@@ -157,10 +163,12 @@ class TraceFile:
 
     @property
     def has_prompt_lens(self) -> bool:
+        """Whether the file holds every sequence's prompt length (format 2)."""
         return self._prompt_lens is not None
 
     @property
     def has_sequence_ids(self) -> bool:
+        """Whether the file holds every sequence's unique id (format 2)."""
         return self._sequence_ids is not None
 
     def prompt_len(self, index: int) -> int:
@@ -230,6 +238,7 @@ class TraceFile:
     # -- lifetime ---------------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the file; reading afterwards is an error."""
         handle, self._handle = self._handle, None
         file = getattr(self, "_file", None)
         if file is not None:
