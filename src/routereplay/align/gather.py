@@ -101,8 +101,12 @@ class SequenceTraces:
     def _copy_runs(self, out: np.ndarray[Any, Any], runs: Runs, kept: LayerRuns) -> None:
         # Host copies through numpy: a few microseconds a run, where torch's dispatch
         # (and its thread pool, on a busy machine) costs many times that.
+        arrays: dict[int, np.ndarray[Any, Any]] = {}  # a sequence's runs share its view
         for begin, sequence, row, count in runs.as_list():
-            _copy_run(out, self.traces[sequence].experts.numpy(), begin, row, count, kept)
+            source = arrays.get(sequence)
+            if source is None:
+                source = arrays[sequence] = self.traces[sequence].experts.numpy()
+            _copy_run(out, source, begin, row, count, kept)
 
     def _join_and_take(self, plan: TokenPlan, runs: Runs, kept: LayerRuns) -> torch.Tensor:
         """Short runs: join the piece's sequences (only those, in one call), keep the
