@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstall when the package's requirements or the torch pin change.
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint docs docs-serve demo bench clean
+.PHONY: test lint docs docs-serve demo demo-megatron bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ docs-serve: $(STAMP)
 # minute on 2 CPU cores; the table prints, demo.json and demo.png keep the rest.
 demo: $(STAMP)
 	$(BIN)/routereplay demo --json demo.json --plot demo.png
+
+# The seed's scenario: a megatron-core GPTModel (dense prefix, then MoE layers) split
+# PP=2 x VPP=2 over 2 gloo processes with full recompute, routes from a bf16 engine in
+# vLLM's wire format, and verl's pre-fix route mapping measured; under 4 minutes.
+demo-megatron: $(STAMP)
+	$(BIN)/routereplay demo --trainer megatron --json demo-megatron.json --plot demo-megatron.png
 
 bench: $(STAMP)
 	@ls benchmarks/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 2; }

@@ -17,9 +17,15 @@ trainer learns in fp32, and its routers run
     plot(result, "demo.png")       # needs matplotlib
 
 Needs transformers (`pip install routereplay[hf]`).
+
+`run_megatron_demo()` runs the same experiment with megatron-core as the trainer (the
+seed's scenario: a dense prefix, PP=2 x VPP=2 over 2 gloo processes, full recompute,
+routes in vLLM's wire format) and measures verl's pre-fix route mapping next to
+routereplay's; needs `routereplay[megatron]` (see `megatron_run`).
 """
 
 from routereplay.demo.grpo import SCHEMES, GRPOSettings, Scheme
+from routereplay.demo.megatron_run import run_megatron_demo
 from routereplay.demo.model import DEFAULT_MODEL_CONFIG, WarmUp
 from routereplay.demo.report import kl_ratios, plot, render_table
 from routereplay.demo.run import DEFAULT_STEPS, Progress, run_demo
@@ -38,4 +44,5 @@ __all__ = [
     "plot",
     "render_table",
     "run_demo",
+    "run_megatron_demo",
 ]

@@ -23,25 +23,25 @@ reports is measured here, step by step (see `step_report`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 
-from routereplay.controller import LayerStats, ReplayController
 from routereplay.demo.task import EOS, SortDigits
-from routereplay.demo.trainer import RecordedRoutes, Trainer, TrainerBatch
-from routereplay.engines.hf import RecordingEngine, SamplingParams
+from routereplay.demo.trainer import RecordedRoutes, RolloutEngine, Trainer, TrainerBatch
+from routereplay.engines.hf import SamplingParams
 from routereplay.metrics import (
     LogProbMismatch,
     RoutingAgreement,
-    counterfactual_disagreement,
     logprob_mismatch,
     routing_agreement,
 )
 from routereplay.rollout import Rollout
+from routereplay.stats import LayerStats
 from routereplay.trace import RoutingTrace
 
 Scheme = Literal["none", "R2", "R3"]
@@ -79,6 +79,11 @@ class GRPOSettings:
     mini_batches: int = 2
 
 
+Audit = Callable[["GRPORun", "TrainerBatch", "Scored"], dict[str, Any] | None]
+"""An extra measurement on a step's batch after its log-prob pass (before the update):
+its numbers go into the step's report under "audits"; None: nothing this step."""
+
+
 @dataclass(frozen=True)
 class GRPORun:
     """One scheme's training: its trainer, the engine sampling for it, and what every
@@ -87,10 +92,11 @@ class GRPORun:
 
     scheme: Scheme
     trainer: Trainer
-    engine: RecordingEngine
+    engine: RolloutEngine
     task: SortDigits
     settings: GRPOSettings
     seed: int
+    audits: Sequence[Audit] = ()
 
 
 @dataclass(frozen=True)
@@ -111,9 +117,16 @@ class Counterfactual:
     per_layer: dict[int, float]
 
     @classmethod
-    def of(cls, controller: ReplayController) -> Counterfactual:
-        per_layer = counterfactual_disagreement(controller)
-        return cls(controller.totals().disagreement_rate, per_layer)
+    def of(cls, stats: dict[int, LayerStats]) -> Counterfactual:
+        per_layer = {layer: s.disagreement_rate for layer, s in stats.items()}
+        return cls(total(stats).disagreement_rate, per_layer)
+
+
+def total(stats: dict[int, LayerStats]) -> LayerStats:
+    """Per-layer counters summed over layers."""
+    return LayerStats(
+        *(sum(getattr(s, name) for s in stats.values()) for name in LayerStats.__annotations__)
+    )
 
 
 @dataclass(frozen=True)
@@ -165,8 +178,9 @@ def grpo_step(run: GRPORun, step: int) -> dict[str, Any]:
     batch = TrainerBatch.from_rollouts(samples.rollouts, advantages)
     scored = score(run, batch)
     floor = noise_floor(run.trainer, batch, run.settings)
+    audits = [a for audit in run.audits if (a := audit(run, batch, scored)) is not None]
     updated = update(run, batch, update_routes(run.scheme, batch, scored), generator)
-    return step_report(
+    report = step_report(
         step=step,
         samples=samples,
         batch=batch,
@@ -175,6 +189,9 @@ def grpo_step(run: GRPORun, step: int) -> dict[str, Any]:
         updated=updated,
         seconds=time.perf_counter() - start,
     )
+    if audits:
+        report["audits"] = {k: v for audit in audits for k, v in audit.items()}
+    return report
 
 
 def sample(run: GRPORun, generator: torch.Generator) -> Samples:
@@ -210,7 +227,8 @@ def score(run: GRPORun, batch: TrainerBatch) -> Scored:
     ):
         logprobs = trainer.token_logprobs(batch, run.settings.temperature)
     # Read the counters now: they describe the last record/replay context only.
-    counterfactual = Counterfactual.of(trainer.controller) if routing == "replay engine" else None
+    stats = trainer.replay_stats() if routing == "replay engine" else None
+    counterfactual = None if stats is None else Counterfactual.of(stats)
     return Scored(
         logprobs=logprobs,
         experts=received.trace(batch.padding),
@@ -256,20 +274,13 @@ def update(
     for rows in order.chunk(settings.mini_batches):
         part = batch.select(rows)
         replay = nullcontext() if routes is None else trainer.replay(routes.select_tokens(rows))
+        objective = partial(clipped_objective, epsilon=settings.clip_epsilon)
         with replay:
-            logprobs = trainer.token_logprobs(part, settings.temperature)
+            loss, clip_share = trainer.train_step(part, settings.temperature, objective)
         if routes is not None:
-            replay_totals.append(trainer.controller.totals())
-        loss, clip_share = clipped_objective(
-            logprobs,
-            part.rollout_logprobs,
-            part.advantages,
-            part.completion_mask,
-            settings.clip_epsilon,
-        )
-        trainer.optimizer_step(loss)
-        losses.append(float(loss.detach()))
-        clipped.append(float(clip_share))
+            replay_totals.append(total(trainer.replay_stats()))
+        losses.append(loss)
+        clipped.append(clip_share)
     return Updated(sum(losses) / len(losses), clipped[0], replay_totals)
 
 
@@ -303,10 +314,12 @@ def clipped_objective(
     rollout_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    *,
     epsilon: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate, negated and averaged over `mask`ed tokens, and the share
-    of those tokens whose ratio left `[1 - epsilon, 1 + epsilon]`.
+    """PPO's clipped surrogate, negated and summed over `mask`ed tokens, and the count
+    of those tokens whose ratio left `[1 - epsilon, 1 + epsilon]` (the trainer divides
+    both by the mini-batch's masked tokens).
 
     logprobs, rollout_logprobs, mask `[sequences, seq - 1]`; advantages `[sequences]`.
     The ratio is against the rollout's log-probs: what the engine sampled from.
@@ -314,9 +327,8 @@ def clipped_objective(
     ratio = torch.exp(logprobs - rollout_logprobs)
     advantage = advantages[:, None]
     surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - epsilon, 1 + epsilon) * advantage)
-    loss = -(surrogate * mask).sum() / mask.sum()
     clipped = ((ratio - 1).abs() > epsilon) & mask
-    return loss, clipped.sum() / mask.sum()
+    return -(surrogate * mask).sum(), clipped.sum()
 
 
 def step_report(

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from routereplay.controller import ReplayController
-from routereplay.demo.trainer import TrainerBatch, sampled_logprobs
+from routereplay.demo.trainer import Objective, TrainerBatch, sampled_logprobs
 from routereplay.engines.hf import RecordingEngine
 from routereplay.integrations.hf import attach
 from routereplay.recording import Recording
+from routereplay.stats import LayerStats
 from routereplay.trace import NO_ROUTE, RoutingTrace
 
 
@@ -31,6 +32,9 @@ class HFTrainer:
 
     def load_into(self, engine: RecordingEngine) -> None:
         engine.load_weights(self.model)
+
+    def replay_stats(self) -> dict[int, LayerStats]:
+        return self.controller.stats()
 
     def token_logprobs(self, batch: TrainerBatch, temperature: float) -> torch.Tensor:
         """`[sequences, seq - 1]` float32, see `trainer.sampled_logprobs`."""
@@ -52,11 +56,20 @@ class HFTrainer:
     def replay(self, routes: RoutingTrace) -> AbstractContextManager[None]:
         return self.controller.replay(routes)
 
-    def optimizer_step(self, loss: torch.Tensor) -> None:
+    def train_step(
+        self, batch: TrainerBatch, temperature: float, objective: Objective
+    ) -> tuple[float, float]:
+        logprobs = self.token_logprobs(batch, temperature)
+        loss_sum, clipped = objective(
+            logprobs, batch.rollout_logprobs, batch.advantages, batch.completion_mask
+        )
+        tokens = batch.completion_mask.sum()
+        loss = loss_sum / tokens
         self.optimizer.zero_grad()
         torch.autograd.backward(loss)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
+        return float(loss.detach()), float(clipped / tokens)
 
     def __enter__(self) -> HFTrainer:
         return self

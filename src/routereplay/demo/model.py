@@ -9,7 +9,7 @@ sigmoid scores, an expert bias that shifts selection only, and group-limited top
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,10 +85,14 @@ def build_model(model_config: Mapping[str, Any] | None, warm_up: WarmUp, seed: i
 
 
 def warm_up_model(
-    model: nn.Module, task: SortDigits, warm_up: WarmUp, seed: int
+    model: nn.Module,
+    task: SortDigits,
+    warm_up: WarmUp,
+    seed: int,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float | int]:
-    """Train `model` in place on the task's answers; returns the loss curve's ends
-    and the time taken."""
+    """Train `model` in place on the task's answers, `on_step(done)` after each step;
+    returns the loss curve's ends and the time taken."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=warm_up.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -107,6 +111,8 @@ def warm_up_model(
         if step == 0:
             first = float(loss.detach())
         last = float(loss.detach())
+        if on_step is not None:
+            on_step(step + 1)
     model.eval()
     return {
         "steps": warm_up.steps,

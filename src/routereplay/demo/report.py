@@ -32,6 +32,14 @@ def render_table(result: dict[str, Any]) -> str:
         f"sequences ({grpo['prompts_per_step']} prompts x {grpo['group_size']}), "
         f"seed {settings['seed']}; means over steps"
     )
+    pipeline = settings.get("pipeline")
+    if pipeline is not None:
+        vpp = f" x VPP={pipeline['vp_size']}" if pipeline["vp_size"] > 1 else ""
+        header += (
+            f"\ntrainer: megatron-core GPTModel, PP={pipeline['pp_size']}{vpp} over "
+            f"{pipeline['pp_size']} gloo processes, {pipeline['recompute']} recompute; "
+            "engine: a bf16 copy, routes in vLLM's wire format"
+        )
     columns = (
         "mode",
         "reward",
@@ -75,7 +83,57 @@ def render_table(result: dict[str, Any]) -> str:
     ratios = kl_ratios(result)
     if ratios:
         lines += ["", "k3 KL none / " + ", none / ".join(f"{m}: {r}" for m, r in ratios.items())]
+    verl = render_verl_mapping(result)
+    if verl:
+        lines += ["", verl]
     lines += ["", LEGEND, f"\n{result['seconds']:.0f} s in all"]
+    return "\n".join(lines)
+
+
+def render_verl_mapping(result: dict[str, Any]) -> str:
+    """What verl's pre-fix mapping (see `verl_mapping`) did with R3's routes, next to
+    routereplay's on the same data; "" when the run has no such audit."""
+    r3 = result["modes"].get("R3", {}).get("summary", {})
+    verl = r3.get("verl_mapping")
+    if verl is None:
+        return ""
+    moe_layers = result["settings"]["moe_layers"]
+    misplaced, unplaced = verl["misplaced_layers"], verl["unplaced_layers"]
+    columns = ("mapping", "misplaced routers", "routing", "k3 KL")
+    rows = [
+        columns,
+        (
+            "verl (i + offset)",
+            f"{len(misplaced)}/{len(moe_layers)} ({100 * verl['misplaced_share']:.0f}%)",
+            _percent(verl["routing_disagreement"]),
+            _number(verl["k3_kl"], "{:.2e}"),
+        ),
+        (
+            "routereplay",
+            f"0/{len(moe_layers)} (0%)",
+            _percent(r3["routing_disagreement"]),
+            _number(r3["mismatch"]["k3_kl"], "{:.2e}"),
+        ),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = [
+        "The same R3 routes mapped to the routers as verl did before the fix (slot i + "
+        "offset, the offset counting dense layers), in the log-prob pass:"
+    ]
+    for index, row in enumerate(rows):
+        cells = [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join([row[0].ljust(widths[0]), *cells]))
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    slots = ", ".join(
+        f"{layer}<-{'none' if slot is None else moe_layers[slot]}"
+        for layer, slot in verl["slots"].items()
+        if int(layer) in misplaced
+    )
+    lines.append(
+        f"verl's routers got the routes of (layer<-layer): {slots}; "
+        f"{len(unplaced)} got none and routed natively."
+    )
     return "\n".join(lines)
 
 

@@ -61,8 +61,9 @@ def run_demo(
     with _deterministic():
         report("warm-up", 0, warm_up.steps)
         model = build_model(model_config, warm_up, seed)
-        warm_up_summary = warm_up_model(model, task, warm_up, seed)
-        report("warm-up", warm_up.steps, warm_up.steps)
+        warm_up_summary = warm_up_model(
+            model, task, warm_up, seed, lambda done: report("warm-up", done, warm_up.steps)
+        )
         layout = MoELayout.from_hf_config(model.config)
         for scheme in schemes:
             report(scheme, 0, steps)

@@ -8,18 +8,27 @@ transformers'.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from routereplay.align import pad_traces
-from routereplay.controller import ReplayController
 from routereplay.demo.task import PAD
-from routereplay.engines.hf import RecordingEngine
+from routereplay.engines.hf import SamplingParams
 from routereplay.rollout import Rollout
+from routereplay.stats import LayerStats
 from routereplay.trace import RoutingTrace
+
+Objective = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+"""`objective(logprobs, rollout_logprobs, advantages, mask)` (log-probs and mask
+`[sequences, seq - 1]`, advantages `[sequences]`) -> (the loss summed over masked
+tokens, the count of clipped ones): sums, so that a trainer splitting a batch into
+micro-batches normalises over the whole batch."""
 
 
 @dataclass(frozen=True)
@@ -111,21 +120,36 @@ class RecordedRoutes(Protocol):
     def trace(self) -> RoutingTrace: ...
 
 
-class Trainer(Protocol):
-    """What the loop asks of a training framework: its fp32 model's forward, its
-    routers' record and replay, its optimizer, and a weight sync into the engine."""
+class RolloutEngine(Protocol):
+    """What the loop asks of a rollout engine: sample, with routes and log-probs."""
 
-    @property
-    def controller(self) -> ReplayController:
-        """Its routers' controller: `stats()` and `totals()` of the last context."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Rollout]:
+        """One rollout per prompt, in order, each with `routes` and `logprobs`."""
         ...
 
-    def load_into(self, engine: RecordingEngine) -> None:
+
+class Trainer(Protocol):
+    """What the loop asks of a training framework: its fp32 model's forward, its
+    routers' record and replay, an optimizer step, and a weight sync into the engine."""
+
+    def replay_stats(self) -> dict[int, LayerStats]:
+        """Per global layer (every routed layer of the model), what the last record or
+        replay context did: the controllers' `stats()`."""
+        ...
+
+    def load_into(self, engine: Any) -> None:
         """Sync the current weights into the rollout engine, as RL frameworks do."""
         ...
 
     def token_logprobs(self, batch: TrainerBatch, temperature: float) -> torch.Tensor:
-        """`[sequences, seq - 1]` float32, see `sampled_logprobs`; with autograd."""
+        """`[sequences, seq - 1]` float32, see `sampled_logprobs`."""
+        ...
+
+    def train_step(
+        self, batch: TrainerBatch, temperature: float, objective: Objective
+    ) -> tuple[float, float]:
+        """Forward `batch`, minimise `objective` normalised by its masked tokens, clip
+        the gradient norm to 1, step. Returns (loss, clipped share)."""
         ...
 
     def expert_inputs(self) -> AbstractContextManager[ExpertInputs]:
@@ -138,10 +162,6 @@ class Trainer(Protocol):
 
     def replay(self, routes: RoutingTrace) -> AbstractContextManager[None]:
         """Make the enclosed forward's routers use the ids of `routes`."""
-        ...
-
-    def optimizer_step(self, loss: torch.Tensor) -> None:
-        """Backpropagate `loss`, clip the gradient norm to 1, step."""
         ...
 
 
