@@ -22,25 +22,26 @@ import torch
 from routereplay.checks import exact_int, exact_ints
 from routereplay.errors import LayoutError, TraceError
 from routereplay.errors import short_ids as _short
+from routereplay.id_arrays import (
+    ExpertArray,
+    as_int_tensor,
+    as_token_ids,
+    check_capture,
+    check_dense,
+    check_range,
+    first_true,
+    placed_rows,
+    routed_columns,
+    where_row,
+)
+from routereplay.id_arrays import storage_dtype as storage_dtype  # its home, re-exported
 from routereplay.id_checks import NO_ROUTE as NO_ROUTE  # its one home, re-exported
 from routereplay.id_checks import (
     has_partial_rows,
     has_repeated_rows,
-    id_range,
     repeated_mask,
 )
 from routereplay.layout import MoELayout
-
-ExpertArray = torch.Tensor | np.ndarray[Any, Any]
-
-
-def storage_dtype(num_experts: int) -> torch.dtype:
-    """Smallest signed dtype holding ids `0..num_experts-1` and the -1 sentinel."""
-    if num_experts <= 1 + torch.iinfo(torch.int8).max:
-        return torch.int8
-    if num_experts <= 1 + torch.iinfo(torch.int16).max:
-        return torch.int16
-    return torch.int32
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,7 +71,7 @@ class RoutingTrace:
         )
         if self.num_experts < 1:
             raise TraceError(f"num_experts must be at least 1, found {self.num_experts}.")
-        experts = _as_int_tensor(self.experts, "experts", self.num_experts)
+        experts = as_int_tensor(self.experts, "experts", self.num_experts)
         if experts.ndim < 3:
             raise TraceError(
                 f"experts must be [..., layers, top_k] with at least one token axis, "
@@ -78,10 +79,10 @@ class RoutingTrace:
             )
         # Range check before narrowing, so that an id too large for the compact dtype is
         # reported instead of wrapping around (a seed bug: ids above 255 in uint8).
-        _check_range(experts, layers, self.num_experts)
+        check_range(experts, layers, self.num_experts)
         object.__setattr__(self, "experts", experts.to(storage_dtype(self.num_experts)))
         object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "tokens", _as_token_ids(self.tokens, self.token_shape))
+        object.__setattr__(self, "tokens", as_token_ids(self.tokens, self.token_shape))
         self.validate()
         self._checked()
 
@@ -153,15 +154,15 @@ class RoutingTrace:
             missing = experts == NO_ROUTE
             partial = missing.any(-1) & ~missing.all(-1)
             raise TraceError(
-                f"{_where(partial, layers)} mixes -1 with expert ids "
-                f"{experts[_first(partial)].tolist()}: a row is either all -1 (no route) "
+                f"{where_row(partial, layers)} mixes -1 with expert ids "
+                f"{experts[first_true(partial)].tolist()}: a row is either all -1 (no route) "
                 "or fully routed."
             )
         if has_repeated_rows(experts):
             repeated = repeated_mask(experts) & (experts[..., 0] != NO_ROUTE)
             raise TraceError(
-                f"{_where(repeated, layers)} routes to the same expert twice: "
-                f"{experts[_first(repeated)].tolist()}. A token picks top_k distinct experts; "
+                f"{where_row(repeated, layers)} routes to the same expert twice: "
+                f"{experts[first_true(repeated)].tolist()}. A token picks top_k distinct experts; "
                 "zero-filled rows usually mean padding or a broken capture (mark them -1)."
             )
 
@@ -174,7 +175,7 @@ class RoutingTrace:
         """
         if self.experts._version == self._checked_version:
             return
-        _check_range(self.experts, self.layers, self.num_experts)
+        check_range(self.experts, self.layers, self.num_experts)
         self.validate()
         self._checked()
 
@@ -308,7 +309,7 @@ class RoutingTrace:
         if isinstance(experts, np.ndarray) and np.issubdtype(experts.dtype, np.integer):
             full: ExpertArray = experts  # numpy keeps an engine's uint8 without widening
         else:
-            full = _as_int_tensor(experts, "experts")
+            full = as_int_tensor(experts, "experts")
         if full.ndim < 3:
             raise TraceError(
                 f"An engine array is [..., layers, top_k] with at least one token axis, "
@@ -328,25 +329,25 @@ class RoutingTrace:
                 "0 <= start <= num_tokens - rows."
             )
         if axis == "all_layers":
-            _check_dense(full, layout, placed[0])
-            routed = _routed_columns(full, layout.moe_layers)
+            check_dense(full, layout, placed[0])
+            routed = routed_columns(full, layout.moe_layers)
         else:
             routed = full
         try:
             trace = cls._from_engine_rows(routed, layout, source, placed)
         except TraceError:
             # With top_k >= 2 a never-captured layer's zero rows are repeats: say why.
-            _check_capture(_as_int_tensor(routed, "experts"), layout.moe_layers, source)
+            check_capture(as_int_tensor(routed, "experts"), layout.moe_layers, source)
             raise
         if trace.top_k == 1:  # zero rows repeat nothing with one expert per token
-            _check_capture(trace.experts, layout.moe_layers, source)
+            check_capture(trace.experts, layout.moe_layers, source)
         return trace
 
     @classmethod
     def _from_engine_rows(
         cls, routed: ExpertArray, layout: MoELayout, source: str, placed: tuple[int, int]
     ) -> RoutingTrace:
-        experts = _placed(routed, layout.num_experts, *placed)
+        experts = placed_rows(routed, layout.num_experts, *placed)
         unsigned = isinstance(routed, np.ndarray) and routed.dtype.kind == "u"
         if not unsigned or experts.dtype != storage_dtype(layout.num_experts):
             return cls(experts, layout.moe_layers, layout.num_experts, source)
@@ -383,7 +384,7 @@ class RoutingTrace:
 
     def with_tokens(self, tokens: torch.Tensor | np.ndarray[Any, Any] | None) -> RoutingTrace:
         """The same routes, recorded for `tokens [*token axes]` (-1 where unknown)."""
-        checked = _as_token_ids(tokens, self.token_shape)
+        checked = as_token_ids(tokens, self.token_shape)
         return self.derive(self.experts, self.layers, checked)
 
     def derive(
@@ -432,14 +433,14 @@ class RoutingTrace:
                 f"The layer axis has {experts.shape[-2]} slots but {len(layers)} layer ids "
                 f"were given ({_short(layers)})."
             )
-        _check_range(experts, layers, num_experts)
+        check_range(experts, layers, num_experts)
         trace = object.__new__(cls)
         for name, value in (
             ("experts", experts),
             ("layers", tuple(layers)),
             ("num_experts", num_experts),
             ("source", source),
-            ("tokens", _as_token_ids(tokens, tuple(experts.shape[:-2]))),
+            ("tokens", as_token_ids(tokens, tuple(experts.shape[:-2]))),
         ):
             object.__setattr__(trace, name, value)
         trace._checked()
@@ -465,180 +466,3 @@ class _Routes(NamedTuple):
         if token_shape and self.token_shape is not None:
             text += f" on token axes {list(self.token_shape)}"
         return text
-
-
-def _as_int_tensor(experts: ExpertArray, name: str, num_experts: int | None = None) -> torch.Tensor:
-    """`experts` as a signed integer tensor. Given `num_experts`, ids all in [-1,
-    num_experts) come back narrowed to `storage_dtype(num_experts)` in one copy (an
-    engine's uint8 array, say); anything else is widened, so that an id too large for
-    the compact dtype is reported as itself instead of wrapping around (a seed bug:
-    ids above 255 in uint8)."""
-    if isinstance(experts, np.ndarray):
-        if not np.issubdtype(experts.dtype, np.integer):
-            raise TraceError(f"{name} must hold integers, found numpy dtype {experts.dtype}.")
-        # A copy either way: uint16 has no torch twin and engines hand out read-only
-        # buffers.
-        if num_experts is not None and _in_range(experts, num_experts):
-            narrow = torch.empty(0, dtype=storage_dtype(num_experts)).numpy().dtype
-            return torch.from_numpy(experts.astype(narrow))
-        wide = np.int32 if np.can_cast(experts.dtype, np.int32) else np.int64
-        return torch.from_numpy(experts.astype(wide, copy=True))
-    if not isinstance(experts, torch.Tensor):
-        raise TraceError(f"{name} must be a torch tensor or numpy array, found {type(experts)}.")
-    if experts.dtype.is_floating_point or experts.dtype.is_complex or experts.dtype == torch.bool:
-        raise TraceError(f"{name} must hold integers, found dtype {experts.dtype}.")
-    if not experts.dtype.is_signed:
-        if (
-            num_experts is not None
-            and experts.dtype == torch.uint8
-            and _in_range(experts, num_experts)
-        ):
-            return experts.to(storage_dtype(num_experts))
-        # torch.from_numpy of an engine's uint8 / uint16 array: widen, so that ids are
-        # range-checked as themselves and -1 can be written.
-        wide_dtype = torch.int32 if experts.dtype in (torch.uint8, torch.uint16) else torch.int64
-        if experts.dtype == torch.uint64 and experts.numel() and (experts > 2**62).any():
-            raise TraceError(f"{name} holds uint64 ids beyond int64; no expert id is that big.")
-        return experts.to(wide_dtype)
-    return experts
-
-
-def _in_range(experts: ExpertArray, num_experts: int) -> bool:
-    low, high = id_range(experts)
-    return low >= NO_ROUTE and high < num_experts
-
-
-def _as_token_ids(
-    tokens: torch.Tensor | np.ndarray[Any, Any] | None, shape: tuple[int, ...]
-) -> torch.Tensor | None:
-    """`tokens` as int32 `[*shape]`, ids >= 0 or -1 (unknown), or None."""
-    if tokens is None:
-        return None
-    if isinstance(tokens, np.ndarray):
-        tokens = torch.from_numpy(np.asarray(tokens))
-    if (
-        not isinstance(tokens, torch.Tensor)
-        or tokens.is_floating_point()
-        or tokens.dtype == torch.bool
-    ):
-        found = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise TraceError(f"tokens must be an integer tensor of token ids, found {found}.")
-    if tuple(tokens.shape) != shape:
-        raise TraceError(
-            f"tokens have shape {list(tokens.shape)}; one per row of the token axes {list(shape)}."
-        )
-    wide = tokens.long()
-    if wide.numel() and (int(wide.min()) < -1 or int(wide.max()) > torch.iinfo(torch.int32).max):
-        raise TraceError(
-            f"token ids must lie in [0, 2**31) or be -1 (unknown), found "
-            f"{int(wide.min())}..{int(wide.max())}."
-        )
-    return wide.to(torch.int32)
-
-
-def _check_range(experts: torch.Tensor, layers: Sequence[int], num_experts: int) -> None:
-    # torch casts a Python int to the tensor's dtype before comparing: 128 would become
-    # -128 in int8. Where num_experts exceeds the dtype, no stored id can reach it.
-    low, high = id_range(experts)
-    if low >= NO_ROUTE and high < num_experts:
-        return
-    bad = experts < NO_ROUTE
-    if num_experts <= torch.iinfo(experts.dtype).max:
-        bad |= experts >= num_experts
-    if bad.any():
-        index = _first(bad)
-        raise TraceError(
-            f"{_where(bad.any(-1), layers)} holds expert id {int(experts[index])}; ids must lie "
-            f"in [0, {num_experts}) or be -1 for no route."
-        )
-
-
-def _check_dense(full: ExpertArray, layout: MoELayout, start: int = 0) -> None:
-    """Ids on a layer the layout calls dense: the layout is not the engine's model.
-    Row numbers in the error count from `start`."""
-    dense = list(layout.dense_layers)
-    if not dense:
-        return
-    values = full[..., dense, :]
-    low, high = id_range(values)
-    if low >= NO_ROUTE and high <= 0:  # zeros, or -1 rows
-        return
-    values = _as_int_tensor(values, "experts")
-    stray = ((values != 0) & (values != NO_ROUTE)).any(-1)  # [..., dense layers]
-    raise TraceError(
-        f"{_where(stray, dense, start)} holds expert ids {values[_first(stray)].tolist()} but "
-        "is dense in the "
-        f"{layout.family} layout: the layout does not match the engine's model (check "
-        "first_k_dense_replace / mlp_only_layers / moe_layer_freq)."
-    )
-
-
-def _routed_columns(full: ExpertArray, moe_layers: tuple[int, ...]) -> ExpertArray:
-    """`full[..., moe_layers, :]`: a view when the routed layers are one run (a dense
-    prefix, say), else a copy in the engine's own dtype."""
-    first, last = moe_layers[0], moe_layers[-1]
-    if last - first + 1 == len(moe_layers):
-        return full[..., first : last + 1, :]
-    return full[..., list(moe_layers), :]
-
-
-def _placed(routed: ExpertArray, num_experts: int, start: int, num_tokens: int) -> torch.Tensor:
-    """`routed [n, layers, top_k]` as rows `start .. start + n - 1` of `num_tokens`, -1
-    elsewhere, in the compact dtype (range-checked first: nothing wraps)."""
-    rows = routed.shape[0]
-    if (start, num_tokens) == (0, rows):
-        narrow = _as_int_tensor(routed, "experts", num_experts)
-        shared = isinstance(routed, torch.Tensor) and (
-            narrow.untyped_storage().data_ptr() == routed.untyped_storage().data_ptr()
-        )
-        return narrow.clone() if shared else narrow  # never the caller's buffer
-    if not _in_range(routed, num_experts):  # widened, so that the trace reports the id
-        wide = torch.full((num_tokens, *routed.shape[1:]), NO_ROUTE, dtype=torch.int64)
-        wide[start : start + rows] = _as_int_tensor(routed, "experts")
-        return wide
-    out = torch.empty((num_tokens, *routed.shape[1:]), dtype=storage_dtype(num_experts))
-    out[:start] = NO_ROUTE
-    out[start + rows :] = NO_ROUTE
-    if isinstance(routed, np.ndarray):
-        np.copyto(out.numpy()[start : start + rows], routed, casting="unsafe")
-    else:
-        out[start : start + rows] = routed
-    return out
-
-
-def _check_capture(routed: torch.Tensor, layers: Sequence[int], source: str) -> None:
-    """A routed layer that is zero in every routed row of a sequence was never captured.
-
-    With top_k >= 2 a zero row is also a duplicate; with top_k = 1 it is only caught
-    here, and a sequence that really sent every token to expert 0 looks the same.
-    """
-    if routed.numel() == 0:
-        return
-    per_sequence = routed.reshape(-1, *routed.shape[-3:])  # [sequences, tokens, layers, k]
-    has_route = per_sequence[..., 0] != NO_ROUTE
-    zero_or_none = (per_sequence == 0).all(-1) | ~has_route
-    broken = zero_or_none.all(1) & has_route.any(1)  # [sequences, layers]
-    if broken.any():
-        sequence, slot = (int(i) for i in broken.nonzero()[0])
-        where = f" of sequence {sequence}" if routed.ndim > 3 else ""
-        raise TraceError(
-            f"Layer {layers[slot]} is all zeros in every routed row{where} of the {source} "
-            "array: that is a broken capture (routing not recorded), not routing. Check "
-            "that the engine's routed-experts capture is bound to this model's MoE layers."
-        )
-
-
-def _first(mask: torch.Tensor) -> tuple[int, ...]:
-    return tuple(int(i) for i in mask.nonzero()[0])
-
-
-def _where(row_mask: torch.Tensor, layers: Sequence[int], offset: int = 0) -> str:
-    """'Row (sequence 2, token 7), layer 5' for the first True of `row_mask [..., layers]`
-    (`offset` added to a single token axis' position)."""
-    *row, slot = _first(row_mask)
-    if len(row) == 1:
-        row[0] += offset
-    names = ("token",) if len(row) == 1 else ("sequence", "token") if len(row) == 2 else ()
-    where = ", ".join(f"{n} {i}" for n, i in zip(names, row, strict=True)) if names else str(row)
-    layer = layers[slot] if slot < len(layers) else f"slot {slot}"
-    return f"Row ({where}), layer {layer},"
