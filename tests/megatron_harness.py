@@ -54,6 +54,8 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
+from routereplay.demo.megatron_cpu import CpuRNGStatesTracker  # one home for both
+
 MicroBatch = dict[str, torch.Tensor]
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -66,52 +68,6 @@ ROUTER_INIT_STD = 0.5
 
 
 # -- making megatron-core run on CPU ---------------------------------------------------
-
-
-class CpuRNGStatesTracker:
-    """Megatron's RNG states tracker (`add`, `fork`, `get_states`) over the CPU generator.
-
-    Megatron forks the "model-parallel-rng" state around attention dropout, and saves and
-    restores the tracker's states around full recompute; its own tracker keeps CUDA
-    generator states, which need a GPU.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.states_: dict[str, torch.Tensor] = {}
-        self.seeds_: set[int] = set()
-        self._is_initialized = False
-
-    def is_initialized(self) -> bool:
-        return self._is_initialized
-
-    def get_states(self) -> dict[str, torch.Tensor]:
-        return dict(self.states_)
-
-    def set_states(self, states: dict[str, torch.Tensor]) -> None:
-        self._is_initialized = True
-        self.states_ = states
-
-    def add(self, name: str, seed: int) -> None:
-        if seed in self.seeds_ or name in self.states_:
-            raise RuntimeError(f"RNG state {name!r} or seed {seed} is already tracked")
-        self._is_initialized = True
-        self.seeds_.add(seed)
-        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
-
-    @contextlib.contextmanager
-    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
-        if name not in self.states_:
-            raise RuntimeError(f"RNG state {name!r} is not tracked")
-        outside = torch.get_rng_state()
-        torch.set_rng_state(self.states_[name])
-        try:
-            yield
-        finally:
-            self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(outside)
 
 
 class _DoneCudaEvent:
