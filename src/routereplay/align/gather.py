@@ -65,6 +65,8 @@ class SequenceTraces:
         self.traces = list(traces)
         self.first = first
         self.starts = lengths.cumsum(0) - lengths  # [sequences]: each one's first row
+        self._is_start = torch.zeros(int(lengths.sum()) + 1, dtype=torch.bool)
+        self._is_start[self.starts] = True
         self._tokens = (
             torch.cat([t.tokens for t in traces if t.tokens is not None])
             if first.tokens is not None
@@ -75,7 +77,7 @@ class SequenceTraces:
         """`plan`'s rows `[*plan.token_shape, layers, top_k]` (only `layers`, when given),
         padding -1, copied from the traces once."""
         kept = layer_runs(self.first, self.first.layers if layers is None else layers)
-        runs = _runs(plan, self.starts)
+        runs = _runs(plan, self.starts, self._is_start)
         host = self.first.experts.device.type == "cpu"
         if host and runs.num_runs and runs.rows_per_run < SHORTEST_RUN:
             experts = self._join_and_take(plan, runs, kept)
@@ -149,22 +151,20 @@ class Runs(NamedTuple):
         return list(zip(*(column.tolist() for column in columns), strict=True))
 
 
-def _runs(plan: TokenPlan, starts: torch.Tensor) -> Runs:
+def _runs(plan: TokenPlan, starts: torch.Tensor, is_start: torch.Tensor) -> Runs:
     """The runs of `plan`'s token axis, padding left out; `starts [sequences]` is where
-    each sequence begins on the source axis."""
+    each sequence begins on the source axis, `is_start [source rows]` marks those rows."""
     positions = (plan.rows >= 0).nonzero().flatten()
     rows = plan.rows[positions]
-    sequences = torch.searchsorted(starts, rows, right=True) - 1
-    breaks = torch.ones(positions.numel(), dtype=torch.bool)
-    breaks[1:] = (
-        (positions[1:] != positions[:-1] + 1)
-        | (rows[1:] != rows[:-1] + 1)
-        | (sequences[1:] != sequences[:-1])
-    )
+    breaks = is_start[rows]  # a sequence's first row always begins a run
+    if breaks.numel():
+        breaks[0] = True
+    breaks[1:] |= (positions[1:] != positions[:-1] + 1) | (rows[1:] != rows[:-1] + 1)
     first = breaks.nonzero().flatten()
     counts = torch.diff(first, append=torch.tensor([positions.numel()]))
-    begin_sequences = sequences[first]
-    return Runs(positions[first], begin_sequences, rows[first] - starts[begin_sequences], counts)
+    begin_rows = rows[first]
+    sequences = torch.searchsorted(starts, begin_rows, right=True) - 1  # per run only
+    return Runs(positions[first], sequences, begin_rows - starts[sequences], counts)
 
 
 def _copy_run(out: Any, source: Any, begin: int, row: int, count: int, kept: LayerRuns) -> None:
