@@ -132,7 +132,8 @@ def render_verl_mapping(result: dict[str, Any]) -> str:
     )
     lines.append(
         f"verl's routers got the routes of (layer<-layer): {slots}; "
-        f"{len(unplaced)} got none and routed natively."
+        f"{len(unplaced)} router{'s' if len(unplaced) != 1 else ''} got none and routed "
+        "natively."
     )
     return "\n".join(lines)
 
