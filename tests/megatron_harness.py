@@ -54,7 +54,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
-from routereplay.demo.megatron_cpu import CpuRNGStatesTracker  # one home for both
+from routereplay.demo.megatron_cpu import patch_megatron_for_cpu as patch_demo_cpu
 
 MicroBatch = dict[str, torch.Tensor]
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -99,21 +99,6 @@ class _CpuStream:
         return _DoneCudaEvent()
 
 
-class _TorchWithCpuZeros:
-    """The `torch` module as `schedules.py` sees it, except that `zeros` stays on CPU."""
-
-    def __init__(self, module: Any) -> None:
-        self._module = module
-
-    def zeros(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if str(kwargs.get("device", "cpu")).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return self._module.zeros(*args, **kwargs)  # type: ignore[no-any-return]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
-
-
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     """`transformer.utils.get_default_causal_mask` on CPU: True above the diagonal."""
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
@@ -124,36 +109,18 @@ def patch_megatron_for_cpu() -> None:
 
     Every patch here was checked to be needed (removing it fails a run) for GPTModel with
     dense + MoE layers, the alltoall dispatcher, full recompute, attention_mask=None and
-    the no-pipelining, 1F1B and interleaved schedules over gloo.
+    the no-pipelining, 1F1B and interleaved schedules over gloo. The ones the demo needs
+    too (current_device, te_general_gemm, the schedules' zeros, the RNG tracker) have
+    one home, `routereplay.demo.megatron_cpu`; the tests add what their configurations
+    need beyond the demo's.
     """
-    import megatron.core.pipeline_parallel.schedules as schedules
-    import megatron.core.tensor_parallel.random as megatron_random
-    import megatron.core.transformer.moe.moe_utils as moe_utils
     from megatron.core.fusions import fused_softmax
 
-    # The attention's global memory buffer (utils.get_tensor) and p2p_communication's
-    # receive buffers are allocated on `torch.cuda.current_device()`.
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
-
-    # Without Transformer Engine the `te_general_gemm` import in moe_utils fails and the
-    # name is never bound, yet router gating tests `te_general_gemm is not None`
-    # (NameError). None sends gating down its F.linear path.
-    moe_utils.te_general_gemm = None
-
-    # Every schedule counts tokens in `torch.zeros([], device="cuda")`.
-    schedules.torch = _TorchWithCpuZeros(torch)
+    patch_demo_cpu()
 
     # With attention_mask=None (megatron's usual causal case) the unfused softmax builds
     # its causal mask on "cuda". fused_softmax imported the function by name.
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
-
-    # Full recompute (CheckpointFunction) saves and restores the "cuda" generator state
-    # and the tracker's states, to replay dropout identically; on CPU both are the CPU
-    # generator. model_parallel_cuda_manual_seed keeps an initialised tracker.
-    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
-    megatron_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
     # The alltoall dispatcher makes a side stream (at MoELayer construction) for
     # device-to-host copies of its split sizes, and syncs on an event recorded there.
