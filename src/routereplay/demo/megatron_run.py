@@ -35,7 +35,7 @@ from routereplay.demo.megatron_model import (
 )
 from routereplay.demo.megatron_ranks import Progress, run_on_ranks
 from routereplay.demo.model import WarmUp
-from routereplay.demo.run import summarise
+from routereplay.demo.run import demo_result, summarise
 from routereplay.demo.task import SortDigits
 from routereplay.demo.trainer import TrainerBatch
 from routereplay.pipeline_split import PipelineSplit
@@ -142,46 +142,33 @@ def _rank_main(
             "summary": summary,
             "seconds": time.perf_counter() - scheme_start,
         }
-    return {
-        "settings": {
-            "trainer": "megatron",
-            "steps": steps,
-            "seed": seed,
-            "modes": list(schemes),
-            "model_config": {
-                **dataclasses.asdict(model),
-                # The names the transformers demo's table header reads.
-                "num_hidden_layers": model.num_layers,
-                "n_group": model.num_groups,
-                "topk_group": model.group_top_k,
-            },
-            "pipeline": {
-                "pp_size": split.pp_size,
-                "vp_size": split.vp_size,
-                "first_stage_layers": split.first_stage_layers,
-                "last_stage_layers": split.last_stage_layers,
-                "chunk_layers": {
-                    f"pp_rank {r}, vp_stage {v}": list(layout.stage_layers(split, r, v))
-                    for v in range(split.vp_size)
-                    for r in range(split.pp_size)
-                },
-                "recompute": "full",
-            },
-            "moe_layers": list(layout.moe_layers),
-            "num_experts": layout.num_experts,
-            "top_k": layout.top_k,
-            "grpo": dataclasses.asdict(grpo),
-            "warm_up": dataclasses.asdict(warm_up),
-            "task": {"name": "sort digits", **dataclasses.asdict(task)},
-            "engine": "megatron-core GPTModel, bf16, one process; vLLM 0.32 wire format",
-            "engine_dtype": "bfloat16",
-            "trainer_dtype": "float32",
-            "torch_threads": torch.get_num_threads(),
+    run_settings = {
+        "trainer": "megatron",
+        "steps": steps,
+        "seed": seed,
+        "modes": list(schemes),
+        "model_config": {
+            **dataclasses.asdict(model),
+            # The names the transformers demo's table header reads.
+            "num_hidden_layers": model.num_layers,
+            "n_group": model.num_groups,
+            "topk_group": model.group_top_k,
         },
-        "warm_up": warm_up_summary,
-        "modes": results,
-        "seconds": time.perf_counter() - start,
+        "pipeline": {
+            "pp_size": split.pp_size,
+            "vp_size": split.vp_size,
+            "first_stage_layers": split.first_stage_layers,
+            "last_stage_layers": split.last_stage_layers,
+            "chunk_layers": {
+                f"pp_rank {r}, vp_stage {v}": list(layout.stage_layers(split, r, v))
+                for v in range(split.vp_size)
+                for r in range(split.pp_size)
+            },
+            "recompute": "full",
+        },
+        "engine": "megatron-core GPTModel, bf16, one process; vLLM 0.32 wire format",
     }
+    return demo_result(run_settings, layout, grpo, warm_up, task, warm_up_summary, results, start)
 
 
 def warm_up_model(

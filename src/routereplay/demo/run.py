@@ -85,12 +85,26 @@ def run_demo(
             }
 
     config = {**DEFAULT_MODEL_CONFIG, **(model_config or {})}
+    run_settings = {"steps": steps, "seed": seed, "modes": list(schemes), "model_config": config}
+    return demo_result(run_settings, layout, grpo, warm_up, task, warm_up_summary, results, start)
+
+
+def demo_result(
+    run_settings: dict[str, Any],
+    layout: MoELayout,
+    grpo: GRPOSettings,
+    warm_up: WarmUp,
+    task: SortDigits,
+    warm_up_summary: dict[str, Any],
+    results: dict[str, Any],
+    start: float,
+) -> dict[str, Any]:
+    """The JSON record of a demo run, which `report` renders for either trainer:
+    `run_settings` (the trainer's own: steps, seed, modes, model config, ...) first, then
+    the settings every demo shares, the warm-up and the per-scheme results."""
     return {
         "settings": {
-            "steps": steps,
-            "seed": seed,
-            "modes": list(schemes),
-            "model_config": config,
+            **run_settings,
             "moe_layers": list(layout.moe_layers),
             "num_experts": layout.num_experts,
             "top_k": layout.top_k,
