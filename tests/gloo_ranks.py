@@ -10,7 +10,6 @@ the deadline is killed, and the test fails with every rank's report.
 from __future__ import annotations
 
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,6 +20,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from routereplay.demo.megatron_ranks import supervise
 
 
 def spawn_ranks(
@@ -40,32 +41,9 @@ def spawn_ranks(
             join=False,
             start_method="spawn",
         )
-        deadline = time.monotonic() + timeout_s
-        failure: str | None = None
-        try:
-            # A rank that failed stops the others: SIGTERM after 1 s, SIGKILL after 1 s more.
-            while not context.join(timeout=0.5, grace_period=1.0):
-                if time.monotonic() > deadline:
-                    failure = f"the ranks ran past {timeout_s:.0f} s"
-                    break
-        except Exception as error:  # a rank raised or died; join() names the first one
-            failure = str(error)
-        finally:
-            for process in context.processes:  # only the processes started here
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+        failure = supervise(context, out_dir, timeout_s, poll_s=0.5)
         if failure is not None:
-            reports = [
-                f"--- rank {rank} ---\n"
-                + (
-                    path.read_text()
-                    if (path := out_dir / f"rank{rank}.err").exists()
-                    else "no traceback (killed while running or waiting on a peer)"
-                )
-                for rank in range(world_size)
-            ]
-            pytest.fail(f"{what} failed: {failure}\n" + "\n".join(reports), pytrace=False)
+            pytest.fail(f"{what} failed: {failure}", pytrace=False)
         return [
             torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)
         ]

@@ -53,38 +53,60 @@ def run_on_ranks(
             join=False,
             start_method="spawn",
         )
-        deadline = time.monotonic() + timeout_s
-        failure: str | None = None
-        try:
-            while True:
-                _relay(events, progress)
-                try:
-                    if context.join(timeout=0.2, grace_period=1.0):
-                        break
-                except Exception as error:  # a rank raised or died; join names it
-                    failure = str(error)
-                    break
-                if time.monotonic() > deadline:
-                    failure = f"the workers ran past {timeout_s:.0f} s"
-                    break
-            _relay(events, progress)
-        finally:
-            for process in context.processes:  # only the processes started here
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+        failure = supervise(
+            context, out, timeout_s, poll=lambda: _relay(events, progress), what="workers"
+        )
+        _relay(events, progress)
         if failure is not None:
-            reports = [
-                f"--- rank {rank} ---\n"
-                + (
-                    path.read_text()
-                    if (path := out / f"rank{rank}.err").exists()
-                    else "no traceback (stopped while running or waiting on a peer)"
-                )
-                for rank in range(world_size)
-            ]
-            raise WorkerError(f"megatron demo workers failed: {failure}\n" + "\n".join(reports))
+            raise WorkerError(f"megatron demo workers failed: {failure}")
         return torch.load(out / "rank0.pt", weights_only=False)
+
+
+def supervise(
+    context: Any,
+    out: Path,
+    timeout_s: float,
+    *,
+    poll: Callable[[], None] = lambda: None,
+    poll_s: float = 0.2,
+    what: str = "ranks",
+) -> str | None:
+    """Wait for the processes of a `torch.multiprocessing` `context` until all finish,
+    one raises or dies (torch's context then stops the others), or `timeout_s` passes;
+    kill any left. `poll` runs between waits. None when all succeeded, else what failed
+    and every rank's report: the traceback it wrote to `out/rank<N>.err`, if any."""
+    deadline = time.monotonic() + timeout_s
+    failure: str | None = None
+    try:
+        while True:
+            poll()
+            try:
+                # A failed rank stops the others: SIGTERM, then SIGKILL after 1 s more.
+                if context.join(timeout=poll_s, grace_period=1.0):
+                    break
+            except Exception as error:  # a rank raised or died; join names the first one
+                failure = str(error)
+                break
+            if time.monotonic() > deadline:
+                failure = f"the {what} ran past {timeout_s:.0f} s"
+                break
+    finally:
+        for process in context.processes:  # only the processes started here
+            if process.is_alive():
+                process.kill()
+                process.join()
+    if failure is None:
+        return None
+    reports = [
+        f"--- rank {rank} ---\n"
+        + (
+            path.read_text()
+            if (path := out / f"rank{rank}.err").exists()
+            else "no traceback (stopped while running or waiting on a peer)"
+        )
+        for rank in range(len(context.processes))
+    ]
+    return f"{failure}\n" + "\n".join(reports)
 
 
 def _relay(events: Any, progress: Progress | None) -> None:
