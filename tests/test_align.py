@@ -746,7 +746,7 @@ def test_per_sequence_traces_of_another_batch_are_refused() -> None:
     traces = [RoutingTrace(torch.zeros(n, 1, 1, dtype=torch.int64), (0,), 4) for n in (3, 5)]
     plan = plan_thd(torch.tensor([3, 4]))
     with pytest.raises(
-        TraceError, match="Sequence 1's trace holds 5 tokens; the plan's lengths say 4"
+        TraceError, match="Sequence 1's trace has 5 tokens; the plan's lengths say 4"
     ):
         plan.rank_routes(traces)
     with pytest.raises(TraceError, match="2 traces were given for the plan's 1 sequences"):

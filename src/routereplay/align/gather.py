@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from routereplay.align.plan import PAD, LayerRuns, TokenPlan, layer_runs
-from routereplay.errors import TraceError
+from routereplay.align.plan import PAD, LayerRuns, TokenPlan, layer_runs, starts
+from routereplay.align.traces import check_sequence_traces
 from routereplay.trace import RoutingTrace
 
 # Runs of at least this many rows on average are copied one by one; shorter ones (many
@@ -29,47 +29,15 @@ class SequenceTraces:
     read by any number of plans over the batch's token axis (sequences end to end)."""
 
     def __init__(self, traces: Sequence[RoutingTrace], lengths: torch.Tensor) -> None:
-        if not traces:
-            raise TraceError("No traces were given: a batch needs at least one sequence.")
-        first = traces[0]
-        shape = (first.layers, first.top_k, first.num_experts, first.tokens is not None)
-        for index, trace in enumerate(traces):
-            if trace.experts.ndim != 3:
-                raise TraceError(
-                    f"Sequence {index}'s trace has token axes {list(trace.token_shape)}; a "
-                    "per-sequence trace is [tokens, layers, top_k]."
-                )
-            if (trace.layers, trace.top_k, trace.num_experts, trace.tokens is not None) != shape:
-                trace.check_compatible(
-                    first,
-                    names=(f"Sequence {index}'s trace", "sequence 0's"),
-                    fix="convert every trace to the same layers first (select_layers).",
-                )
-                raise TraceError(
-                    f"Sequence {index}'s trace {'has no' if first.tokens is not None else 'has'} "
-                    "token ids and sequence 0's does not: join traces that all know their "
-                    "tokens (engine traces), or none (RoutingTrace.with_tokens)."
-                )
-        found, wanted = [trace.experts.shape[0] for trace in traces], lengths.tolist()
-        if len(found) != len(wanted):
-            raise TraceError(
-                f"{len(found)} traces were given for the plan's {len(wanted)} sequences: "
-                "pass the traces of the batch the plan was made for, in order."
-            )
-        for index, (count, length) in enumerate(zip(found, wanted, strict=True)):
-            if count != length:
-                raise TraceError(
-                    f"Sequence {index}'s trace holds {count} tokens; the plan's lengths say "
-                    f"{length}: pass the traces of the batch the plan was made for, in order."
-                )
+        check_sequence_traces(traces, lengths, whose="the plan's ")
         self.traces = list(traces)
-        self.first = first
-        self.starts = lengths.cumsum(0) - lengths  # [sequences]: each one's first row
+        self.first = traces[0]
+        self.starts = starts(lengths)  # [sequences]: each one's first row
         self._is_start = torch.zeros(int(lengths.sum()) + 1, dtype=torch.bool)
         self._is_start[self.starts] = True
         self._tokens = (
             torch.cat([t.tokens for t in traces if t.tokens is not None])
-            if first.tokens is not None
+            if self.first.tokens is not None
             else None
         )
 
@@ -119,7 +87,7 @@ class SequenceTraces:
         joined = _kept_layers(torch.cat(pieces), kept)
         lengths = torch.tensor([e.shape[0] for e in pieces], dtype=torch.int64)
         joined_starts = torch.zeros(len(self.traces), dtype=torch.int64)
-        joined_starts[sequences] = lengths.cumsum(0) - lengths
+        joined_starts[sequences] = starts(lengths)
         rows = plan.rows.clamp(min=0)
         owner = torch.searchsorted(self.starts, rows, right=True) - 1
         index = torch.where(

@@ -38,34 +38,11 @@ def concat_traces(
     int64 lengths `[sequences]`). All must cover the same layers, top_k and expert count;
     `lengths`, when given, must match the traces' token counts. With `layers`, only
     those layers are joined (and copied)."""
-    if not traces:
-        raise TraceError("No traces were given: a batch needs at least one sequence.")
+    found = check_sequence_traces(traces, None if lengths is None else as_lengths(lengths))
     first = traces[0]
-    for index, trace in enumerate(traces):
-        if len(trace.token_shape) != 1:
-            raise TraceError(
-                f"Sequence {index}'s trace has token axes {list(trace.token_shape)}; a "
-                "per-sequence trace is [tokens, layers, top_k]."
-            )
-        trace.check_compatible(
-            first,
-            names=(f"Sequence {index}'s trace", "sequence 0's"),
-            fix="convert every trace to the same layers first (RoutingTrace.select_layers).",
-        )
-    found = torch.tensor([trace.experts.shape[0] for trace in traces], dtype=torch.int64)
-    if lengths is not None:
-        _check_lengths(as_lengths(lengths), found, "the lengths say")
-    with_tokens = [trace.tokens is not None for trace in traces]
-    if any(with_tokens) and not all(with_tokens):
-        index = with_tokens.index(not with_tokens[0])
-        raise TraceError(
-            f"Sequence {index}'s trace {'has' if with_tokens[index] else 'has no'} token ids "
-            f"and sequence 0's {'has' if with_tokens[0] else 'has none'}: join traces that "
-            "all know their tokens (engine traces), or none (RoutingTrace.with_tokens)."
-        )
     tokens = (
         torch.cat([trace.tokens for trace in traces if trace.tokens is not None])
-        if all(with_tokens)
+        if first.tokens is not None  # then every trace knows its tokens
         else None
     )
     if layers is None:
@@ -74,6 +51,43 @@ def concat_traces(
     kept = layer_runs(first, layers)
     experts = kept.join(lambda a, b: torch.cat([trace.experts[:, a:b] for trace in traces]))
     return first.derive(experts, kept.layers, tokens), found
+
+
+def check_sequence_traces(
+    traces: Sequence[RoutingTrace], lengths: torch.Tensor | None = None, whose: str = ""
+) -> torch.Tensor:
+    """Raise unless `traces` are per-sequence traces `[tokens_i, layers, top_k]` of one
+    model (the same layers, top_k and expert count), all knowing their token ids or
+    none, with `lengths [sequences]` tokens when given (`whose` names those lengths in
+    the error, e.g. "the plan's "). Returns the traces' int64 lengths `[sequences]`."""
+    if not traces:
+        raise TraceError("No traces were given: a batch needs at least one sequence.")
+    first = traces[0]
+    shape = (first.layers, first.top_k, first.num_experts)
+    for index, trace in enumerate(traces):
+        if trace.experts.ndim != 3:
+            raise TraceError(
+                f"Sequence {index}'s trace has token axes {list(trace.token_shape)}; a "
+                "per-sequence trace is [tokens, layers, top_k]."
+            )
+        if (trace.layers, trace.top_k, trace.num_experts) != shape:  # the message's work
+            trace.check_compatible(
+                first,
+                names=(f"Sequence {index}'s trace", "sequence 0's"),
+                fix="convert every trace to the same layers first (RoutingTrace.select_layers).",
+            )
+    found = torch.tensor([trace.experts.shape[0] for trace in traces], dtype=torch.int64)
+    if lengths is not None:
+        _check_lengths(lengths, found, f"{whose or 'the '}lengths say", whose)
+    with_tokens = [trace.tokens is not None for trace in traces]
+    if any(with_tokens) and not all(with_tokens):
+        index = with_tokens.index(not with_tokens[0])
+        raise TraceError(
+            f"Sequence {index}'s trace {'has' if with_tokens[index] else 'has no'} token ids "
+            f"and sequence 0's {'has' if with_tokens[0] else 'has none'}: join traces that "
+            "all know their tokens (engine traces), or none (RoutingTrace.with_tokens)."
+        )
+    return found
 
 
 def split_traces(trace: RoutingTrace, lengths: Lengths) -> list[RoutingTrace]:
@@ -331,9 +345,11 @@ def _stage_tokens(stages: Sequence[RoutingTrace]) -> torch.Tensor | None:
     return merged
 
 
-def _check_lengths(lengths: torch.Tensor, found: torch.Tensor, said: str) -> None:
+def _check_lengths(lengths: torch.Tensor, found: torch.Tensor, said: str, whose: str = "") -> None:
     if lengths.numel() != found.numel():
-        raise TraceError(f"{found.numel()} traces were given for {lengths.numel()} sequences.")
+        raise TraceError(
+            f"{found.numel()} traces were given for {whose}{lengths.numel()} sequences."
+        )
     wrong = (lengths != found).nonzero()
     if wrong.numel():
         index = int(wrong[0])
