@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from routereplay import MoELayout, RoutingTrace, TraceError, id_checks
-from routereplay.id_checks import has_partial_rows, has_repeated_rows, id_range
+from routereplay.id_checks import has_partial_rows, has_repeated_rows, id_range, row_faults
 
 # [rows, layers, top_k] ids in -1..5, small enough that repeats and -1 mixes are common.
 ids = st.integers(1, 4).flatmap(
@@ -121,3 +121,14 @@ def test_a_trace_never_shares_the_callers_tensor() -> None:
     trace = RoutingTrace.from_all_layers(experts, layout)
     experts[0, 0, 0] = 7
     assert trace.experts[0, 0, 0] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids)
+def test_one_scan_answers_both_questions_a_mixed_row_first(experts: np.ndarray) -> None:
+    # validate() names a mixed row before a repeat, so only then may the scan stop early.
+    for given_ids in (experts, torch.from_numpy(experts)):
+        partial, repeated = row_faults(given_ids)
+        assert partial == partial_by_rows(experts)
+        if not partial:
+            assert repeated == repeated_by_rows(experts)

@@ -49,47 +49,72 @@ def _may_hold_no_route(experts: Ids) -> bool:
 
 def has_partial_rows(experts: Ids) -> bool:
     """Whether some row mixes -1 with expert ids (a row is all -1 or fully routed)."""
-    if not _may_hold_no_route(experts) or experts.shape[-1] == 0:
-        return False
-    rows = _host_rows(experts)
-    if rows is None:
-        assert isinstance(experts, torch.Tensor)
-        missing = experts == NO_ROUTE
-        return bool((missing != missing[..., :1]).any())
-    for columns in _blocks(rows):
-        missing = columns[0] == NO_ROUTE
-        other = np.empty_like(missing)
-        for column in columns[1:]:
-            np.equal(column, NO_ROUTE, out=other)
-            if not np.array_equal(other, missing):
-                return True
-    return False
+    return row_faults(experts, repeats=False)[0]
 
 
 def has_repeated_rows(experts: Ids) -> bool:
     """Whether some routed row names one expert twice (-1 rows are not routed)."""
-    if experts.shape[-1] < 2:
-        return False
-    rows = _host_rows(experts)
+    return row_faults(experts, partial=False)[1]
+
+
+def row_faults(experts: Ids, *, partial: bool = True, repeats: bool = True) -> tuple[bool, bool]:
+    """(some row mixes -1 with ids, some routed row repeats an expert), asked in one
+    scan: each block is laid out column-wise once for both questions. A mixed row is
+    the first fault a trace names, so its answer ends the scan."""
+    partial = partial and _may_hold_no_route(experts) and experts.shape[-1] > 0
+    repeats = repeats and experts.shape[-1] >= 2
+    rows = _host_rows(experts) if partial or repeats else None
     if rows is None:
+        if not (partial or repeats):
+            return False, False
         assert isinstance(experts, torch.Tensor)
-        found = _repeated_torch(experts)
-        if _may_hold_no_route(experts):
-            found &= experts[..., 0] != NO_ROUTE
-        return bool(found.any())
-    top_k = rows.shape[-1]
+        return partial and _partial_torch(experts), repeats and _repeats_torch(experts)
+    repeated = False
     for columns in _blocks(rows):
-        repeated = np.zeros(columns.shape[1], dtype=bool)
-        equal = np.empty_like(repeated)
-        for i in range(top_k):
-            for j in range(i + 1, top_k):
-                np.equal(columns[i], columns[j], out=equal)
-                repeated |= equal
-        if columns.dtype.kind == "i":
-            repeated &= columns[0] != NO_ROUTE
-        if repeated.any():
+        if partial and _partial_block(columns):
+            return True, repeated
+        if repeats and not repeated:
+            repeated = _repeated_block(columns)
+        elif not partial and repeated:
+            break
+    return False, repeated
+
+
+def _partial_block(columns: np.ndarray[Any, Any]) -> bool:
+    """`columns [top_k, rows]`: whether some row mixes -1 with ids."""
+    missing = columns[0] == NO_ROUTE
+    other = np.empty_like(missing)
+    for column in columns[1:]:
+        np.equal(column, NO_ROUTE, out=other)
+        if not np.array_equal(other, missing):
             return True
     return False
+
+
+def _repeated_block(columns: np.ndarray[Any, Any]) -> bool:
+    """`columns [top_k, rows]`: whether some routed row names an expert twice."""
+    top_k = columns.shape[0]
+    repeated = np.zeros(columns.shape[1], dtype=bool)
+    equal = np.empty_like(repeated)
+    for i in range(top_k):
+        for j in range(i + 1, top_k):
+            np.equal(columns[i], columns[j], out=equal)
+            repeated |= equal
+    if columns.dtype.kind == "i":
+        repeated &= columns[0] != NO_ROUTE
+    return bool(repeated.any())
+
+
+def _partial_torch(experts: torch.Tensor) -> bool:
+    missing = experts == NO_ROUTE
+    return bool((missing != missing[..., :1]).any())
+
+
+def _repeats_torch(experts: torch.Tensor) -> bool:
+    found = _repeated_torch(experts)
+    if _may_hold_no_route(experts):
+        found &= experts[..., 0] != NO_ROUTE
+    return bool(found.any())
 
 
 def repeated_mask(experts: torch.Tensor) -> torch.Tensor:

@@ -36,11 +36,7 @@ from routereplay.id_arrays import (
 )
 from routereplay.id_arrays import storage_dtype as storage_dtype  # its home, re-exported
 from routereplay.id_checks import NO_ROUTE as NO_ROUTE  # its one home, re-exported
-from routereplay.id_checks import (
-    has_partial_rows,
-    has_repeated_rows,
-    repeated_mask,
-)
+from routereplay.id_checks import has_repeated_rows, repeated_mask, row_faults
 from routereplay.layout import MoELayout
 
 
@@ -149,20 +145,21 @@ class RoutingTrace:
                 f"top_k={self.top_k} is more than num_experts={self.num_experts}: "
                 "a row cannot hold that many distinct experts."
             )
-        # Yes/no questions first (a few fast passes); the masks only to name the row.
-        if has_partial_rows(experts):
+        # Yes/no questions first (one fast scan); the masks only to name the row.
+        partial, repeated = row_faults(experts)
+        if partial:
             missing = experts == NO_ROUTE
-            partial = missing.any(-1) & ~missing.all(-1)
+            mixed = missing.any(-1) & ~missing.all(-1)
             raise TraceError(
-                f"{where_row(partial, layers)} mixes -1 with expert ids "
-                f"{experts[first_true(partial)].tolist()}: a row is either all -1 (no route) "
+                f"{where_row(mixed, layers)} mixes -1 with expert ids "
+                f"{experts[first_true(mixed)].tolist()}: a row is either all -1 (no route) "
                 "or fully routed."
             )
-        if has_repeated_rows(experts):
-            repeated = repeated_mask(experts) & (experts[..., 0] != NO_ROUTE)
+        if repeated:
+            twice = repeated_mask(experts) & (experts[..., 0] != NO_ROUTE)
             raise TraceError(
-                f"{where_row(repeated, layers)} routes to the same expert twice: "
-                f"{experts[first_true(repeated)].tolist()}. A token picks top_k distinct experts; "
+                f"{where_row(twice, layers)} routes to the same expert twice: "
+                f"{experts[first_true(twice)].tolist()}. A token picks top_k distinct experts; "
                 "zero-filled rows usually mean padding or a broken capture (mark them -1)."
             )
 
