@@ -6,7 +6,9 @@ a choice whose `routed_experts` is base64 of a uint8 `.npy` `[tokens - 1, 48, 8]
 final sampled token has no row). The destination is one rank of a CP=2 (zigzag) x PP=4
 job with 16 token-balanced micro-batches: micro-batch -> the routes of its CP rank 0
 tokens over pipeline stage 0's 12 layers, `[tokens, 12, 8]` int8. Side by side in one
-run, same payloads, results asserted equal:
+run, same payloads, results asserted equal, every path with the same base64 decoder
+(pybase64 where routereplay[fast] is installed, else the standard library's; pass
+--stdlib-base64 to compare with the latter):
 
   floor           base64-decode each payload, view it with np.frombuffer, copy this
                   rank's share of it once into its micro-batch's buffer
@@ -25,7 +27,8 @@ forked child process per case (the parent's own allocations do not count).
 
 ns per id counts the batch's routed ids (tokens x 48 x 8). Ratios are what to read.
 
-    python benchmarks/bench_ingest.py [--sequences 1000] [--rounds 3] [--device cuda] [--json]
+    python benchmarks/bench_ingest.py [--sequences 1000] [--rounds 3] [--device cuda]
+        [--stdlib-base64] [--json]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import io
 import json
 import multiprocessing as mp
 import resource
+import sys
 import tempfile
 import threading
 import time
@@ -49,6 +53,7 @@ import torch
 from routereplay import MoELayout, PipelineSplit, RoutingTrace
 from routereplay.align import ThdPlan, balanced_micro_batches, padded_lengths, plan_thd
 from routereplay.engines import vllm
+from routereplay.engines.base64_field import decoder_name, fast_decoder
 from routereplay.engines.payload import trace_from_rows
 from routereplay.engines.vllm.arrays import decode_npy
 from routereplay.store import TraceFile, TraceWriter
@@ -93,6 +98,12 @@ class Workload:
 # -- the three paths ------------------------------------------------------------------
 
 
+def b64decode(text: str) -> bytes:
+    """The decoder every path uses: the one `decode_base64` tries first."""
+    fast = fast_decoder()
+    return fast(text) if fast is not None else base64.b64decode(text, validate=True)
+
+
 def floor(work: Workload) -> dict[int, np.ndarray[Any, Any]]:
     """Decode, view, and copy this rank's share once: its two zigzag chunks of each
     sequence, over stage 0's layers, straight into the micro-batch's buffer."""
@@ -103,7 +114,7 @@ def floor(work: Workload) -> dict[int, np.ndarray[Any, Any]]:
         buffer = np.empty((2 * sum(sizes), last - first, 8), dtype=np.int8)
         at = 0
         for index, chunk in zip(group.tolist(), sizes, strict=True):
-            rows = npy_view(base64.b64decode(work.payloads[index]["routed_experts"]))
+            rows = npy_view(b64decode(work.payloads[index]["routed_experts"]))
             tokens = rows.shape[0] + 1
             # Chunk 0 (tokens 0 .. chunk - 1) and chunk 2cp-1 (the tail, padding after
             # the final token's -1 row).
@@ -123,7 +134,7 @@ def verl_style(work: Workload) -> dict[int, np.ndarray[Any, Any]]:
     max_len = int(work.lengths.max())
     batch = np.zeros((len(work.payloads), max_len, 48, 8), dtype=np.int16)
     for index, payload in enumerate(work.payloads):
-        rows = npy_view(base64.b64decode(payload["routed_experts"]))
+        rows = npy_view(b64decode(payload["routed_experts"]))
         batch[index, : rows.shape[0]] = rows
         batch[index, rows.shape[0] : work.lengths[index]] = -1  # the final token
     first, last = work.stage_layers[0], work.stage_layers[-1] + 1
@@ -258,8 +269,13 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1792)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--device", default="cpu", help="also align on this device (cuda)")
+    parser.add_argument(
+        "--stdlib-base64", action="store_true", help="decode with base64, not pybase64"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.stdlib_base64:
+        sys.modules["pybase64"] = None  # type: ignore[assignment]  # its import now fails
     torch.set_num_threads(1)  # steadier on a shared machine; every case alike
     work = Workload(args.sequences, args.min_len, args.max_len)
     arrays = decoded(work)
@@ -322,6 +338,7 @@ def main() -> None:
             "cp": CP,
             "pp": PP,
             "micro_batches": len(work.groups),
+            "base64": decoder_name(),
         },
         "seconds": seconds,
         "ns_per_id": {case: s / work.ids * 1e9 for case, s in seconds.items()},
@@ -344,7 +361,7 @@ def main() -> None:
     print(
         f"{shape['tokens']:,} tokens in {shape['sequences']} sequences, 48 layers, top-8 of 128 "
         f"({work.ids / 1e6:.0f}M ids) -> cp rank 0 of CP={CP} zigzag, pp rank 0 of PP={PP}, "
-        f"{shape['micro_batches']} micro-batches"
+        f"{shape['micro_batches']} micro-batches; base64 by {shape['base64']}"
     )
     print(f"  {'case':<28} {'median ms':>10} {'ns/id':>7} {'MB/s':>8}")
     for case, s in seconds.items():

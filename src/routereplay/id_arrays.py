@@ -29,6 +29,11 @@ def storage_dtype(num_experts: int) -> torch.dtype:
     return torch.int32
 
 
+def storage_numpy_dtype(num_experts: int) -> np.dtype[Any]:
+    """`storage_dtype(num_experts)` as numpy's dtype."""
+    return torch.empty(0, dtype=storage_dtype(num_experts)).numpy().dtype
+
+
 def as_int_tensor(experts: ExpertArray, name: str, num_experts: int | None = None) -> torch.Tensor:
     """`experts` as a signed integer tensor. Given `num_experts`, ids all in [-1,
     num_experts) come back narrowed to `storage_dtype(num_experts)` in one copy (an
@@ -41,8 +46,7 @@ def as_int_tensor(experts: ExpertArray, name: str, num_experts: int | None = Non
         # A copy either way: uint16 has no torch twin and engines hand out read-only
         # buffers.
         if num_experts is not None and in_range(experts, num_experts):
-            narrow = torch.empty(0, dtype=storage_dtype(num_experts)).numpy().dtype
-            return torch.from_numpy(experts.astype(narrow))
+            return torch.from_numpy(experts.astype(storage_numpy_dtype(num_experts)))
         wide = np.int32 if np.can_cast(experts.dtype, np.int32) else np.int64
         return torch.from_numpy(experts.astype(wide, copy=True))
     if not isinstance(experts, torch.Tensor):
@@ -144,11 +148,24 @@ def routed_columns(full: ExpertArray, moe_layers: tuple[int, ...]) -> ExpertArra
     return full[..., list(moe_layers), :]
 
 
-def placed_rows(routed: ExpertArray, num_experts: int, start: int, num_tokens: int) -> torch.Tensor:
+def placed_rows(
+    routed: ExpertArray,
+    num_experts: int,
+    start: int,
+    num_tokens: int,
+    out: np.ndarray[Any, Any] | None = None,
+) -> torch.Tensor:
     """`routed [n, layers, top_k]` as rows `start .. start + n - 1` of `num_tokens`, -1
-    elsewhere, in the compact dtype (range-checked first: nothing wraps)."""
+    elsewhere, in the compact dtype (range-checked first: nothing wraps).
+
+    `out`, a writable C-contiguous numpy array `[num_tokens, layers, top_k]` in the
+    compact dtype, receives the rows instead of a new tensor, and the result shares it.
+    Its rows `start ..` may already be `routed` itself (an engine payload decoded into
+    a buffer with room for the rows after it): ids in place are not copied, since ids
+    in range read the same in either dtype of one width.
+    """
     rows = routed.shape[0]
-    if (start, num_tokens) == (0, rows):
+    if out is None and (start, num_tokens) == (0, rows):
         narrow = as_int_tensor(routed, "experts", num_experts)
         shared = isinstance(routed, torch.Tensor) and (
             narrow.untyped_storage().data_ptr() == routed.untyped_storage().data_ptr()
@@ -158,14 +175,49 @@ def placed_rows(routed: ExpertArray, num_experts: int, start: int, num_tokens: i
         wide = torch.full((num_tokens, *routed.shape[1:]), NO_ROUTE, dtype=torch.int64)
         wide[start : start + rows] = as_int_tensor(routed, "experts")
         return wide
-    out = torch.empty((num_tokens, *routed.shape[1:]), dtype=storage_dtype(num_experts))
-    out[:start] = NO_ROUTE
-    out[start + rows :] = NO_ROUTE
-    if isinstance(routed, np.ndarray):
-        np.copyto(out.numpy()[start : start + rows], routed, casting="unsafe")
+    dtype = storage_dtype(num_experts)
+    if out is None:
+        placed = torch.empty((num_tokens, *routed.shape[1:]), dtype=dtype)
     else:
-        out[start : start + rows] = routed
-    return out
+        placed = _out_tensor(out, (num_tokens, *routed.shape[1:]), dtype)
+    placed[:start] = NO_ROUTE
+    placed[start + rows :] = NO_ROUTE
+    target = placed.numpy()[start : start + rows]
+    if isinstance(routed, torch.Tensor):
+        placed[start : start + rows] = routed
+    elif not _in_place(routed, target):
+        if np.shares_memory(routed, target):
+            raise TraceError("out overlaps the engine rows without holding them in place.")
+        np.copyto(target, routed, casting="unsafe")
+    return placed
+
+
+def _out_tensor(
+    out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    placed = torch.from_numpy(out) if isinstance(out, np.ndarray) else None
+    if (
+        placed is None
+        or placed.dtype != dtype
+        or tuple(placed.shape) != shape
+        or not (out.flags.writeable and out.flags.c_contiguous)
+    ):
+        found = f"{out.dtype} {list(out.shape)}" if isinstance(out, np.ndarray) else type(out)
+        raise TraceError(
+            f"out must be a writable C-contiguous numpy array of {dtype} {list(shape)}, "
+            f"found {found}."
+        )
+    return placed
+
+
+def _in_place(routed: np.ndarray[Any, Any], target: np.ndarray[Any, Any]) -> bool:
+    """Whether `routed` is `target`'s memory, element for element."""
+    return (
+        routed.dtype.itemsize == target.dtype.itemsize
+        and routed.shape == target.shape
+        and routed.strides == target.strides
+        and routed.__array_interface__["data"][0] == target.__array_interface__["data"][0]
+    )
 
 
 def check_capture(routed: torch.Tensor, layers: Sequence[int], source: str) -> None:

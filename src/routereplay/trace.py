@@ -289,6 +289,7 @@ class RoutingTrace:
         *,
         start: int = 0,
         num_tokens: int | None = None,
+        out: np.ndarray[Any, Any] | None = None,
     ) -> RoutingTrace:
         """From an engine-style array `[..., width, top_k]`, keeping routed layers only.
 
@@ -301,7 +302,10 @@ class RoutingTrace:
         `start`, `num_tokens` (one token axis): the array holds the rows of tokens
         `start ..` of a sequence of `num_tokens`; the tokens before and after have no
         route (-1), and errors name positions in the sequence. The ids are copied once,
-        into the trace's compact dtype; the trace never shares the caller's memory.
+        into the trace's compact dtype; the trace never shares the caller's memory, but
+        for `out`: a writable numpy array `[num_tokens, routed layers, top_k]` in
+        `storage_dtype(layout.num_experts)` that becomes the trace's ids, and may
+        already hold the rows in place (see `id_arrays.placed_rows`).
         """
         if isinstance(experts, np.ndarray) and np.issubdtype(experts.dtype, np.integer):
             full: ExpertArray = experts  # numpy keeps an engine's uint8 without widening
@@ -331,7 +335,7 @@ class RoutingTrace:
         else:
             routed = full
         try:
-            trace = cls._from_engine_rows(routed, layout, source, placed)
+            trace = cls._from_engine_rows(routed, layout, source, placed, out)
         except TraceError:
             # With top_k >= 2 a never-captured layer's zero rows are repeats: say why.
             check_capture(as_int_tensor(routed, "experts"), layout.moe_layers, source)
@@ -342,9 +346,14 @@ class RoutingTrace:
 
     @classmethod
     def _from_engine_rows(
-        cls, routed: ExpertArray, layout: MoELayout, source: str, placed: tuple[int, int]
+        cls,
+        routed: ExpertArray,
+        layout: MoELayout,
+        source: str,
+        placed: tuple[int, int],
+        out: np.ndarray[Any, Any] | None,
     ) -> RoutingTrace:
-        experts = placed_rows(routed, layout.num_experts, *placed)
+        experts = placed_rows(routed, layout.num_experts, *placed, out=out)
         unsigned = isinstance(routed, np.ndarray) and routed.dtype.kind == "u"
         if not unsigned or experts.dtype != storage_dtype(layout.num_experts):
             return cls(experts, layout.moe_layers, layout.num_experts, source)
@@ -352,7 +361,8 @@ class RoutingTrace:
         # the engine's own rows; the -1 rows placed around them are whole by making.
         if has_repeated_rows(routed):
             return cls(experts, layout.moe_layers, layout.num_experts, source)  # names it
-        return cls.from_verified_rows(experts, layout.moe_layers, layout.num_experts, source)
+        # placed_rows range-checked the rows; the -1 rows around them are whole.
+        return cls._assembled(experts, layout.moe_layers, layout.num_experts, source)
 
     def to_all_layers(self, layout: MoELayout) -> torch.Tensor:
         """Engine-style `[..., num_layers, top_k]`: dense layers as zeros, -1 rows kept."""
@@ -431,6 +441,18 @@ class RoutingTrace:
                 f"were given ({_short(layers)})."
             )
         check_range(experts, layers, num_experts)
+        return cls._assembled(experts, layers, num_experts, source, tokens)
+
+    @classmethod
+    def _assembled(
+        cls,
+        experts: torch.Tensor,
+        layers: tuple[int, ...],
+        num_experts: int,
+        source: str,
+        tokens: torch.Tensor | None = None,
+    ) -> RoutingTrace:
+        """The trace of ids known valid: no check at all."""
         trace = object.__new__(cls)
         for name, value in (
             ("experts", experts),

@@ -14,7 +14,6 @@ multi-turn rollout into one trace.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any, Literal
@@ -51,6 +50,7 @@ def trace_from_rows(
     source: str,
     start: int = 0,
     sequence: SequenceId | None = None,
+    out: np.ndarray[Any, Any] | None = None,
 ) -> RoutingTrace:
     """`RoutingTrace [prompt_len + completion_len, routed layers, top_k]` from engine rows.
 
@@ -60,11 +60,11 @@ def trace_from_rows(
     forwarded. `width` is `layout.num_layers` or `len(layout.moe_layers)` (see
     `layer_axis`). Rows before `start` and the final row are -1 in the result.
 
-    Every error names `sequence` (an index or request id) and `source`.
+    Every error names `sequence` (an index or request id) and `source`. `out` is where
+    the trace's ids go (see `RoutingTrace.from_all_layers`).
     """
-    return _sequence_trace(
-        rows, layout, prompt_len, completion_len, start, source, describe(source, sequence)
-    )
+    where = describe(source, sequence)
+    return _sequence_trace(rows, layout, prompt_len, completion_len, start, source, where, out)
 
 
 def describe(source: str, sequence: SequenceId | None) -> str:
@@ -239,6 +239,7 @@ def _sequence_trace(
     start: int,
     source: str,
     where: str,
+    out: np.ndarray[Any, Any] | None = None,
 ) -> RoutingTrace:
     """Check engine rows against the contract, then place them at `start` of an all -1
     sequence and convert it with `RoutingTrace.from_all_layers` (dense layers, broken
@@ -298,27 +299,10 @@ def _sequence_trace(
     # are -1.
     try:
         return RoutingTrace.from_all_layers(
-            rows, layout, source, start=start, num_tokens=prompt_len + completion_len
+            rows, layout, source, start=start, num_tokens=prompt_len + completion_len, out=out
         )
     except TraceError as error:
         raise TraceError(f"{where}: {error}") from error
-
-
-def decode_base64(payload: Any, field: str, where: str, wire: str) -> bytes:
-    """The bytes of an engine's base64 string field; `wire` says who sends what there
-    (e.g. "SGLang sends base64 of flattened int32 ids"), for the errors."""
-    if not isinstance(payload, str | bytes):
-        raise TraceError(
-            f"{where}: {field} is a {type(payload).__name__}; {wire} as a string. Pass the "
-            "response's JSON value unchanged."
-        )
-    try:
-        return base64.b64decode(payload, validate=True)
-    except ValueError as error:
-        raise TraceError(
-            f"{where}: {field} is not valid base64 ({error}); {wire}. Pass the response's "
-            "JSON value unchanged."
-        ) from error
 
 
 def require_object(value: Any, where: str) -> Mapping[str, Any]:

@@ -8,10 +8,10 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from routereplay.errors import TraceFileError
-from routereplay.trace import NO_ROUTE, storage_dtype
+from routereplay.id_arrays import storage_numpy_dtype
+from routereplay.trace import NO_ROUTE
 
 Encoding = Literal["compact", "packed"]
 ENCODINGS: tuple[str, ...] = get_args(Encoding)
@@ -55,8 +55,8 @@ class Codec:
         # also holds `num_experts` itself: a stored id of 200 for 128 experts then
         # reaches the range check as 200, not wrapped to -56 (or, for 255, to -1: no
         # route).
-        self.trace_dtype = _numpy_dtype(storage_dtype(num_experts + 1))
-        self.storage_dtype = _numpy_dtype(storage_dtype(num_experts))
+        self.trace_dtype = storage_numpy_dtype(num_experts + 1)
+        self.storage_dtype = storage_numpy_dtype(num_experts)
 
     def id_bytes(self, tokens: int) -> int:
         return -(-tokens * self.num_layers * self.top_k * self.bits // 8)
@@ -101,10 +101,6 @@ class Codec:
         else:
             rows[~routed] = NO_ROUTE
         return experts.reshape(tokens, self.num_layers, self.top_k)
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
-    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def _pack_bits(values: np.ndarray[Any, Any], bits: int) -> Bytes:

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from routereplay.engines.payload import SequenceId, decode_base64, describe, trace_from_rows
+from routereplay.engines.base64_field import decode_base64
+from routereplay.engines.payload import SequenceId, describe, trace_from_rows
 from routereplay.errors import TraceError
 from routereplay.layout import MoELayout
 from routereplay.trace import RoutingTrace

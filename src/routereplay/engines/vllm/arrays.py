@@ -13,13 +13,16 @@ completion's), both JSON nested integer lists.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from routereplay.engines.payload import SequenceId, decode_base64, describe, trace_from_rows
+from routereplay.engines.base64_field import decode_base64
+from routereplay.engines.payload import SequenceId, describe, trace_from_rows
 from routereplay.errors import TraceError
+from routereplay.id_arrays import storage_numpy_dtype
 from routereplay.layout import MoELayout
 from routereplay.trace import RoutingTrace
 
@@ -90,25 +93,116 @@ def from_openai_choice(
             f"{hint if 'choices' in choice else ''}: {SERVER_CAPTURE}. vLLM has no "
             "per-request switch: the server captures routes for every request or none."
         )
+    out = None
     if isinstance(field, list) or prompt_routed_experts is not None:
         rows = _split_rows(prompt_routed_experts, field, prompt_len, where)
     else:
-        rows = decode_npy(field, "routed_experts", where)
-    return from_completion(
+        # Decoded with room for the final token's row: the trace can then keep the
+        # decoded buffer itself, the payload's ids in place (no copy of them).
+        with_final = decode_npy(field, "routed_experts", where, spare_rows=1)
+        rows = with_final[:-1]
+        out = _in_place_out(with_final, layout, prompt_start)
+    return trace_from_rows(
         rows,
         layout,
         prompt_len=prompt_len,
         completion_len=completion_len,
-        prompt_start=prompt_start,
+        source=SOURCE,
+        start=prompt_start,
         sequence=sequence,
+        out=out,
     )
 
 
-def decode_npy(payload: Any, field: str, where: str) -> np.ndarray[Any, Any]:
+def _in_place_out(
+    with_final: np.ndarray[Any, Any], layout: MoELayout, prompt_start: int
+) -> np.ndarray[Any, Any] | None:
+    """`with_final` (the payload's rows, then room for one more) as the trace's ids, where
+    its ids already sit as the trace keeps them: every slot a routed layer (no dense
+    ones to drop), rows from token 0, and ids of the compact dtype's width (uint8 for up
+    to 128 experts). Else None: the ids are copied."""
+    compact = storage_numpy_dtype(layout.num_experts)
+    fits = (
+        prompt_start == 0
+        and with_final.ndim == 3
+        and with_final.shape[1] == len(layout.moe_layers)
+        and with_final.dtype.kind in "iu"
+        and with_final.dtype.itemsize == compact.itemsize
+        and with_final.flags.c_contiguous
+        and with_final.flags.writeable
+    )
+    return with_final.view(compact) if fits else None
+
+
+def decode_npy(
+    payload: Any, field: str, where: str, *, spare_rows: int = 0
+) -> np.ndarray[Any, Any]:
     """base64 of `.npy` bytes to an array; the dtype and shape come from its header, and
-    the bytes must be exactly what the header describes."""
+    the bytes must be exactly what the header describes.
+
+    `spare_rows`: the array holds that many rows more after the payload's (zeros),
+    writable room for the caller; the payload's rows are `array[:-spare_rows]`.
+    """
     raw = decode_base64(payload, field, where, "vLLM's server sends base64 of .npy bytes")
-    buffer = io.BytesIO(raw)
+    head = _header_bytes(raw)
+    parsed = _saved_header(head)
+    if parsed is None:
+        parsed = _parsed_header(head, field, where)
+    shape, fortran, dtype, header = parsed
+    if dtype.hasobject or not np.issubdtype(dtype, np.integer):
+        raise TraceError(f"{where}: {field} is a .npy array of {dtype}, not of integer expert ids.")
+    data = len(raw) - header
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if data != expected:
+        raise TraceError(
+            f"{where}: {field}'s .npy header describes {list(shape)} {dtype} ids "
+            f"({expected} bytes) but {data} bytes follow it: the payload is not one vLLM "
+            "array (truncated, or bytes appended)."
+        )
+    if spare_rows and not shape:
+        raise TraceError(
+            f"{where}: {field} is a .npy scalar; vLLM sends [rows, layers, top_k] ids."
+        )
+    if spare_rows and not fortran:
+        raw = raw if isinstance(raw, bytearray) else bytearray(raw)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        raw.extend(bytes(spare_rows * row_bytes))  # in place: no view of raw exists yet
+        shape = (shape[0] + spare_rows, *shape[1:])
+        expected += spare_rows * row_bytes
+        spare_rows = 0
+    array = np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize, offset=header)
+    array = array.reshape(shape, order="F" if fortran else "C")
+    if spare_rows:  # Fortran order (vLLM never sends it): the rows are copied
+        array = np.concatenate([array, np.zeros((spare_rows, *shape[1:]), dtype)])
+    return array
+
+
+_Header = tuple[tuple[int, ...], bool, np.dtype[Any], int]  # shape, fortran, dtype, size
+
+# The header np.save writes (vLLM's server saves with it): parsed by one match, where
+# numpy's own reader evaluates it as Python source (about 90 us a payload).
+_SAVED_HEADER = re.compile(
+    rb"\{'descr': '([<>|=][a-z]\d{1,2})', 'fortran_order': (True|False), "
+    rb"'shape': \(((?:\d+, )*\d+,?|)\), \} *\n"
+)
+
+
+def _saved_header(head: bytes) -> _Header | None:
+    """The header of `head` if it is np.save's, version 1.0, of an integer dtype."""
+    found = _SAVED_HEADER.fullmatch(head, 10) if head[:8] == b"\x93NUMPY\x01\x00" else None
+    if found is None:
+        return None
+    descr, fortran, dims = found.groups()
+    dtype = np.dtype(descr.decode())
+    if dtype.kind not in "iu":  # other dtypes are refused by numpy's reader's words
+        return None
+    shape = tuple(int(d) for d in dims.split(b",") if d.strip())
+    return shape, fortran == b"True", dtype, len(head)
+
+
+def _parsed_header(head: bytes, field: str, where: str) -> _Header:
+    """The header of `head` as numpy's reader parses it."""
+    buffer = io.BytesIO(head)
     try:
         # The header first: numpy would allocate whatever shape it claims before reading.
         version = np.lib.format.read_magic(buffer)
@@ -121,18 +215,19 @@ def decode_npy(payload: Any, field: str, where: str) -> np.ndarray[Any, Any]:
             f"{where}: {field} decodes from base64 but is not a .npy array ({error}); "
             "the server and this decoder disagree on the payload format."
         ) from None
-    if dtype.hasobject or not np.issubdtype(dtype, np.integer):
-        raise TraceError(f"{where}: {field} is a .npy array of {dtype}, not of integer expert ids.")
-    data = len(raw) - buffer.tell()
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if data != expected:
-        raise TraceError(
-            f"{where}: {field}'s .npy header describes {list(shape)} {dtype} ids "
-            f"({expected} bytes) but {data} bytes follow it: the payload is not one vLLM "
-            "array (truncated, or bytes appended)."
-        )
-    array = np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize, offset=buffer.tell())
-    return array.reshape(shape, order="F" if fortran else "C")
+    return shape, fortran, dtype, buffer.tell()
+
+
+def _header_bytes(raw: bytes | bytearray) -> bytes:
+    """The `.npy` magic and header of `raw` (all of it when they cannot be told apart):
+    parsing reads a copy of these alone, never of the ids."""
+    if raw[:6] != b"\x93NUMPY" or len(raw) < 12:
+        return bytes(raw)
+    if raw[6] == 1:
+        end = 10 + int.from_bytes(raw[8:10], "little")
+    else:
+        end = 12 + int.from_bytes(raw[8:12], "little")
+    return bytes(raw[:end])
 
 
 def _split_rows(prompt: Any, completion: Any, prompt_len: int, where: str) -> np.ndarray[Any, Any]:
