@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from routereplay import NO_ROUTE, MoELayout, Rollout, RoutingTrace, TraceError
 from routereplay.store import TraceFile, TraceFileError, TraceWriter
-from routereplay.store.container import metadata_crc
+from routereplay.store.container import TensorSpec, metadata_crc, safetensors_header
 
 
 def random_trace(
@@ -202,6 +203,72 @@ def test_appended_sequences_spill_beside_the_target_until_close(
     writer.close()
     assert path.exists() and not writer.spill_path.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.rr"]  # no temporary left
+
+
+def test_ids_stream_into_their_place_in_the_file_as_sequences_arrive(
+    tmp_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
+) -> None:
+    # No spill copy at close: each sequence's ids are written once, after the room
+    # kept for the header, in the order the final file holds them.
+    path = tmp_path / "t.rr"
+    with TraceWriter(path, hybrid_layout) as writer:
+        start = writer.spill_path.stat().st_size
+        for trace in three_sequences:
+            writer.append(trace)
+            writer._open_spill().flush()
+        streamed = writer.spill_path.read_bytes()
+    begin, end = tensor_bytes(path, "experts")
+    assert streamed[begin:end] == path.read_bytes()[begin:end] and len(streamed) == end
+    assert start == 0 and begin > 0
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_close_fsyncs_before_the_rename_unless_told_not_to(
+    tmp_path: Path,
+    hybrid_layout: MoELayout,
+    three_sequences: list[RoutingTrace],
+    monkeypatch: pytest.MonkeyPatch,
+    durable: bool,
+) -> None:
+    calls: list[str] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        "routereplay.store.writer.os.fsync", lambda fd: calls.append("fsync") or fsync(fd)
+    )
+    monkeypatch.setattr(
+        "routereplay.store.writer.os.replace",
+        lambda a, b: calls.append("rename") or replace(a, b),
+    )
+    with TraceWriter(tmp_path / "t.rr", hybrid_layout, durable=durable) as writer:
+        writer.append(three_sequences[0])
+    assert calls == (["fsync", "rename"] if durable else ["rename"])
+    with TraceFile(tmp_path / "t.rr") as traces:
+        assert traces.trace(0).equal(three_sequences[0])
+
+
+def test_files_of_earlier_writers_with_offsets_first_read_back(
+    trace_path: Path, three_sequences: list[RoutingTrace]
+) -> None:
+    # Writers before this one laid the index first and the ids after it: readers place
+    # tensors by the header, in any order.
+    with safe_open(str(trace_path), framework="numpy") as raw:
+        metadata = dict(raw.metadata())
+    tensors = load_file(trace_path)
+    order = ["offsets", "checksums", "tokens", "experts", "routed"]
+    specs = [
+        TensorSpec(
+            name,
+            {"<i8": "I64", "<u4": "U32", "<i4": "I32", "|u1": "U8"}[tensors[name].dtype.str],
+            tensors[name].shape,
+            tensors[name].nbytes,
+        )
+        for name in order
+    ]
+    body = b"".join(tensors[name].tobytes() for name in order)
+    trace_path.write_bytes(safetensors_header(specs, metadata) + body)
+    with TraceFile(trace_path) as traces:
+        assert all(a.equal(b) for a, b in zip(traces, three_sequences, strict=True))
+        assert traces.tokens(2).tolist() == list(range(200, 212))
 
 
 def test_memory_stays_flat_however_many_sequences_arrive(

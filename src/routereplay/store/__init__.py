@@ -28,22 +28,28 @@ whose `__metadata__` carries everything needed to read it:
     metadata_crc32    zlib.crc32 of the JSON list of every other [key, value] pair,
                       sorted by key, compact separators (version 2)
 
-Tensors, in file order (L = len(moe_layers), k = top_k):
+Tensors (L = len(moe_layers), k = top_k), each placed by the header: readers take
+them in any order. This writer lays out `experts` first, streamed into place as
+sequences arrive, then `routed`, `tokens` and the per-sequence index (earlier
+writers put the index first):
 
+    experts    compact: U8 / U16 / U32 [T, L, k] (up to 256 / 65536 / more experts)
+               packed:  U8 [bytes], each sequence's T_i*L*k ids at bits_per_id bits,
+                        most significant bit first, zero-padded to a whole byte
+    routed     U8 [bytes]    each sequence's `[T_i, L]` routed mask, np.packbits,
+                             zero-padded to a whole byte; 0 = no route (-1 row)
+    tokens     I32 [T]       token ids, only when every appended sequence gave them
     offsets    I64 [S + 1]   token offsets: sequence i is tokens offsets[i]:offsets[i+1]
     sequence_id_offsets
                I64 [S + 1]   byte offsets of sequence i's id in `sequence_ids`
     checksums  U32 [S]       zlib.crc32 of sequence i's experts, routed and tokens bytes
     prompt_lens
                I32 [S]       sequence i's prompt length: tokens before its completion
-    tokens     I32 [T]       token ids, only when every appended sequence gave them
-    experts    compact: U8 / U16 / U32 [T, L, k] (up to 256 / 65536 / more experts)
-               packed:  U8 [bytes], each sequence's T_i*L*k ids at bits_per_id bits,
-                        most significant bit first, zero-padded to a whole byte
-    routed     U8 [bytes]    each sequence's `[T_i, L]` routed mask, np.packbits,
-                             zero-padded to a whole byte; 0 = no route (-1 row)
     sequence_ids
                U8 [bytes]    UTF-8 ids (request id and choice, or a user's uid), unique
+
+The JSON header is padded with spaces to the room the writer kept for it before the
+ids (the longest header its layout can have).
 
 `prompt_lens`, `sequence_id_offsets` and `sequence_ids` are there only when every
 appended sequence gave them, like `tokens`.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from routereplay.errors import TraceFileError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
 from routereplay.store.codec import Codec
@@ -49,16 +50,11 @@ NUMPY_DTYPES = {"U8": "<u1", "U16": "<u2", "U32": "<u4", "I32": "<i4", "I64": "<
 
 
 def tensor_specs(codec: Codec, sizes: Sizes) -> list[TensorSpec]:
-    """The tensors of a trace file, in file order (widest alignment first)."""
-    index = (sizes.sequences + 1,), 8 * (sizes.sequences + 1)
-    specs = [TensorSpec("offsets", "I64", *index)]
-    if sizes.sequence_id_bytes is not None:
-        specs.append(TensorSpec("sequence_id_offsets", "I64", *index))
-    specs.append(TensorSpec("checksums", "U32", (sizes.sequences,), 4 * sizes.sequences))
-    if sizes.has_prompt_lens:
-        specs.append(TensorSpec("prompt_lens", "I32", (sizes.sequences,), 4 * sizes.sequences))
-    if sizes.has_tokens:
-        specs.append(TensorSpec("tokens", "I32", (sizes.tokens,), 4 * sizes.tokens))
+    """The tensors of a trace file, in the order this writer lays them out: `experts`
+    first, which it streams into place as sequences arrive, then the small ones, whose
+    sizes are known only at the end. Readers place tensors by the header, in any order
+    (files of earlier writers begin with `offsets`)."""
+    specs = []
     if codec.encoding == "compact":
         width = codec.id_dtype.itemsize
         shape = (sizes.tokens, codec.num_layers, codec.top_k)
@@ -66,6 +62,15 @@ def tensor_specs(codec: Codec, sizes: Sizes) -> list[TensorSpec]:
     else:
         specs.append(TensorSpec("experts", "U8", (sizes.id_bytes,), sizes.id_bytes))
     specs.append(TensorSpec("routed", "U8", (sizes.mask_bytes,), sizes.mask_bytes))
+    if sizes.has_tokens:
+        specs.append(TensorSpec("tokens", "I32", (sizes.tokens,), 4 * sizes.tokens))
+    index = (sizes.sequences + 1,), 8 * (sizes.sequences + 1)
+    specs.append(TensorSpec("offsets", "I64", *index))
+    if sizes.sequence_id_bytes is not None:
+        specs.append(TensorSpec("sequence_id_offsets", "I64", *index))
+    specs.append(TensorSpec("checksums", "U32", (sizes.sequences,), 4 * sizes.sequences))
+    if sizes.has_prompt_lens:
+        specs.append(TensorSpec("prompt_lens", "I32", (sizes.sequences,), 4 * sizes.sequences))
     if sizes.sequence_id_bytes is not None:
         size = sizes.sequence_id_bytes
         specs.append(TensorSpec("sequence_ids", "U8", (size,), size))
@@ -94,11 +99,16 @@ def fact_checksums(facts: dict[str, bytes]) -> dict[str, str]:
     return checksums
 
 
-def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+def safetensors_header(
+    specs: list[TensorSpec], metadata: dict[str, str], size: int | None = None
+) -> bytes:
     """The 8-byte length and JSON header of a safetensors file holding `specs`, in order.
 
     `safetensors.numpy.save_file` wants every tensor in memory at once; writing the
-    header ourselves lets the writer stream sequences from its spill file instead.
+    header ourselves lets the writer stream sequences into the file instead. `size`:
+    the header's length in bytes, the JSON padded with spaces to it (a `TraceFileError`
+    if the JSON is longer); by default the JSON padded to a multiple of 8, as
+    safetensors does.
     """
     header: dict[str, Any] = {"__metadata__": metadata}
     start = 0
@@ -111,7 +121,13 @@ def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> byt
         }
         start = end
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # as safetensors does: tensor data starts 8-aligned
+    room = -len(text) % 8 if size is None else size - 8 - len(text)
+    if room < 0:
+        raise TraceFileError(
+            f"The trace file's header needs {8 + len(text)} bytes, more than the {size} "
+            "reserved for it."
+        )
+    text += b" " * room  # JSON may end in spaces; tensor data starts after them
     return struct.pack("<Q", len(text)) + text
 
 

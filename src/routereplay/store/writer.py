@@ -1,14 +1,16 @@
-"""Writing trace files: `TraceWriter` spills sequences to disk as they arrive and
-writes the trace file atomically on `close()`."""
+"""Writing trace files: `TraceWriter` streams sequences into the file as they arrive
+and puts it in place atomically on `close()`."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
-import struct
+import shutil
+import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from array import array
+from collections.abc import Sequence
 from numbers import Integral
 from pathlib import Path
 from types import TracebackType
@@ -37,10 +39,10 @@ from routereplay.trace import RoutingTrace
 
 TokenIds = torch.Tensor | np.ndarray[Any, Any] | Sequence[int]
 
-# Per appended sequence, the spill file holds this record header (tokens, crc32),
-# then the sequence's experts, routed and tokens bytes exactly as the final file will.
-_RECORD = struct.Struct("<QI")
-_RECORD_SECTIONS = ("experts", "routed", "tokens")
+# Counts no trace file reaches (10**18 bytes is an exabyte): the header is reserved at
+# the length it would have with them, so that any real header fits in its place.
+_LARGEST_COUNT = 10**18 - 1
+_LARGEST_CRC = 2**32 - 1
 
 
 def _take_spill(spill_path: Path, path: Path) -> IO[bytes]:
@@ -122,12 +124,18 @@ def _remove_if_stale(spill_path: Path, path: Path) -> None:
 class TraceWriter:
     """Write sequences' routes to a trace file as they arrive.
 
-    Appended sequences go to a spill file next to the target (`PATH.partial`, locked
-    while this writer lives), so memory stays flat however many sequences arrive; one
-    left by a writer that died is recognised by its released lock and removed.
-    `close()` writes the trace file to a temporary name and renames it into place:
-    `path` is either the complete new file or whatever was there before. Leaving a
-    `with` block by an exception discards everything (`discard()`).
+    Each appended sequence's ids go straight to their place in the file being written,
+    `PATH.partial` (locked while this writer lives; one left by a writer that died is
+    recognised by its released lock and removed), and its routed mask and token ids to
+    unnamed temporary files beside it, so memory stays flat however many sequences
+    arrive. `close()` appends the small tensors, writes the header into the room kept
+    for it, and renames the file into place: `path` is either the complete new file or
+    whatever was there before. Leaving a `with` block by an exception discards
+    everything (`discard()`).
+
+    `durable=False` skips the fsync before the rename: the file is complete for every
+    reader at once, but a power loss soon after may leave it torn (the reader then
+    refuses it as damaged), where the fsync costs about a disk write of the file.
     """
 
     def __init__(
@@ -137,26 +145,40 @@ class TraceWriter:
         *,
         source: str = "recorded",
         encoding: Encoding = "compact",
+        durable: bool = True,
     ) -> None:
         self.path = Path(path)
         self.layout = layout
         self.source = source
         self.encoding: Encoding = encoding
+        self.durable = durable
         self._codec = Codec(encoding, layout.num_experts, len(layout.moe_layers), layout.top_k)
         self.spill_path = self.path.with_name(self.path.name + ".partial")
-        self._spill: IO[bytes] | None = _take_spill(self.spill_path, self.path)
         self._sequences = 0
         self._tokens = 0
         self._id_bytes = 0
         self._mask_bytes = 0
         self._has_tokens: bool | None = None  # decided by the first append
-        # Small per-sequence facts, kept in memory until close: [S] each, or None when
-        # the sequences give none (decided by the first append, like token ids).
+        # Per sequence, in memory until close: 12 bytes each, and the facts below.
+        self._offsets = array("q", [0])
+        self._checksums = array("I")
+        # [S] each, or None when the sequences give none (decided by the first append,
+        # like token ids).
         self._prompt_lens: list[int] | None = None
         self._sequence_ids: list[str] | None = None
         self._id_index: dict[str, int] = {}
-        self._offsets_crc = zlib.crc32(struct.pack("<q", 0))
-        self._checksums_crc = zlib.crc32(b"")
+        self._spill: IO[bytes] | None = _take_spill(self.spill_path, self.path)
+        try:
+            self._header_size = len(self._header(_LARGEST_COUNT))
+            self._spill.seek(self._header_size)  # the ids follow the header's room
+            # Unnamed (O_TMPFILE where there is one): nothing is left if this process dies.
+            self._sides = {
+                name: tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (until close)
+                for name in ("routed", "tokens")
+            }
+        except BaseException:
+            self.discard()
+            raise
 
     def __len__(self) -> int:
         return self._sequences
@@ -196,13 +218,12 @@ class TraceWriter:
         token_bytes = None if token_ids is None else token_ids.view(np.uint8)
         crc = sequence_crc(ids, mask, token_bytes)
         try:
-            spill.write(_RECORD.pack(len(experts), crc))
-            spill.write(ids.tobytes())
-            spill.write(mask.tobytes())
+            spill.write(ids.data)
+            self._sides["routed"].write(mask.data)
             if token_bytes is not None:
-                spill.write(token_bytes.tobytes())
+                self._sides["tokens"].write(token_bytes.data)
         except BaseException:
-            # A half-written record would misplace every later one.
+            # A half-written sequence would misplace every later one.
             self.discard()
             raise
         self._sequences += 1
@@ -211,8 +232,8 @@ class TraceWriter:
         self._mask_bytes += len(mask)
         self._has_tokens = token_ids is not None
         self._add_facts(prompt_len, sequence_id)
-        self._offsets_crc = zlib.crc32(struct.pack("<q", self._tokens), self._offsets_crc)
-        self._checksums_crc = zlib.crc32(struct.pack("<I", crc), self._checksums_crc)
+        self._offsets.append(self._tokens)
+        self._checksums.append(crc)
 
     def append_rollout(self, rollout: Rollout) -> None:
         """Add one engine `Rollout`: its routes, token ids, prompt length and id."""
@@ -231,29 +252,28 @@ class TraceWriter:
         )
 
     def close(self) -> None:
-        """Write the trace file (atomically) and remove the spill file. Idempotent."""
+        """Finish the trace file and rename it into place (atomically). Idempotent."""
         if self._spill is None:
             return
-        # Unique while this writer holds the spill file; open() honours the umask,
-        # which tempfile.mkstemp (mode 0600) would not.
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            with open(temporary, "xb") as out:
-                self._write_file(out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.path)
+            self._finish(self._spill)
+            os.replace(self.spill_path, self.path)
         except BaseException:
-            temporary.unlink(missing_ok=True)
             self.discard()
             raise
-        self.discard()
+        self._release()
 
     def discard(self) -> None:
-        """Drop everything appended: remove the spill file, write no trace file."""
+        """Drop everything appended: remove the partial file, write no trace file."""
         if self._spill is not None:
             # Unlinked while still locked: a new writer never takes it for stale.
             self.spill_path.unlink(missing_ok=True)
+        self._release()
+
+    def _release(self) -> None:
+        for side in getattr(self, "_sides", {}).values():
+            side.close()
+        if self._spill is not None:
             self._spill.close()
             self._spill = None
 
@@ -401,8 +421,12 @@ class TraceWriter:
             self._sequence_ids.append(sequence_id)
 
     def _fact_tensors(self) -> dict[str, bytes]:
-        """The bytes of `prompt_lens`, `sequence_id_offsets` and `sequence_ids`, as held."""
-        tensors = {}
+        """The bytes of the per-sequence tensors held in memory: `offsets`, `checksums`,
+        and the facts `prompt_lens`, `sequence_id_offsets` and `sequence_ids`."""
+        tensors = {
+            "offsets": np.frombuffer(self._offsets, dtype=np.int64).astype("<i8").tobytes(),
+            "checksums": np.frombuffer(self._checksums, dtype=np.uint32).astype("<u4").tobytes(),
+        }
         if self._prompt_lens is not None:
             tensors["prompt_lens"] = np.asarray(self._prompt_lens, dtype="<i4").tobytes()
         if self._sequence_ids is not None:
@@ -427,8 +451,8 @@ class TraceWriter:
             "bits_per_id": str(self._codec.bits),
             "num_sequences": str(self._sequences),
             "num_tokens": str(self._tokens),
-            "offsets_crc32": str(self._offsets_crc),
-            "checksums_crc32": str(self._checksums_crc),
+            "offsets_crc32": str(zlib.crc32(facts["offsets"])),
+            "checksums_crc32": str(zlib.crc32(facts["checksums"])),
         } | fact_checksums(facts)
 
     def _sizes(self, facts: dict[str, bytes]) -> Sizes:
@@ -443,47 +467,35 @@ class TraceWriter:
             sequence_id_bytes=None if ids is None else len(ids),
         )
 
-    def _write_file(self, out: IO[bytes]) -> None:
+    def _header(self, largest: int | None = None) -> bytes:
+        """The file's header; with `largest`, the longest header any file of this
+        writer's layout can have (every count `largest`, every tensor there)."""
         facts = self._fact_tensors()
-        specs = tensor_specs(self._codec, self._sizes(facts))
-        metadata = self._metadata(facts)
-        metadata[METADATA_CRC] = str(metadata_crc(metadata))
-        out.write(safetensors_header(specs, metadata))
-        for spec in specs:
-            if spec.name in facts:
-                out.write(facts[spec.name])
-            elif spec.name == "offsets":
-                out.write(struct.pack("<q", 0))
-                total = 0
-                for tokens, _, _ in self._records():
-                    total += tokens
-                    out.write(struct.pack("<q", total))
-            elif spec.name == "checksums":
-                for _, crc, _ in self._records():
-                    out.write(struct.pack("<I", crc))
+        sizes, metadata = self._sizes(facts), self._metadata(facts)
+        if largest is not None:
+            sizes = Sizes(largest, largest, largest, largest, True, True, largest)
+            counts = ("num_sequences", "num_tokens")
+            crcs = ("offsets_crc32", "checksums_crc32", "prompt_lens_crc32", "sequence_ids_crc32")
+            metadata |= dict.fromkeys(counts, str(largest)) | dict.fromkeys(crcs, str(_LARGEST_CRC))
+        metadata[METADATA_CRC] = str(
+            _LARGEST_CRC if largest is not None else metadata_crc(metadata)
+        )
+        size = None if largest is not None else self._header_size
+        return safetensors_header(tensor_specs(self._codec, sizes), metadata, size)
+
+    def _finish(self, out: IO[bytes]) -> None:
+        """After the ids: every other tensor in `tensor_specs` order, then the header in
+        its room, then (durable) the fsync."""
+        facts = self._fact_tensors()
+        for spec in tensor_specs(self._codec, self._sizes(facts))[1:]:
+            if spec.name in self._sides:
+                side = self._sides[spec.name]
+                side.seek(0)
+                shutil.copyfileobj(side, out, 1 << 20)
             else:
-                # Copied sequence by sequence: memory holds one sequence at a time.
-                spill = self._open_spill()
-                for tokens, _, start in self._records():
-                    offset, size = self._span(spec.name, tokens)
-                    spill.seek(start + offset)
-                    out.write(spill.read(size))
-
-    def _records(self) -> Iterator[tuple[int, int, int]]:
-        """(tokens, crc32, payload position) of every record in the spill file."""
-        spill = self._open_spill()
-        spill.flush()
-        position = 0
-        for _ in range(self._sequences):
-            spill.seek(position)
-            tokens, crc = _RECORD.unpack(spill.read(_RECORD.size))
-            start = position + _RECORD.size
-            yield tokens, crc, start
-            position = start + sum(self._span(name, tokens)[1] for name in _RECORD_SECTIONS)
-
-    def _span(self, section: str, tokens: int) -> tuple[int, int]:
-        """(offset in a record's payload, size) of one section of a sequence."""
-        ids, mask = self._codec.id_bytes(tokens), self._codec.mask_bytes(tokens)
-        token_bytes = 4 * tokens if self._has_tokens else 0
-        spans = {"experts": (0, ids), "routed": (ids, mask), "tokens": (ids + mask, token_bytes)}
-        return spans[section]
+                out.write(facts[spec.name])
+        out.seek(0)
+        out.write(self._header())
+        out.flush()
+        if self.durable:
+            os.fsync(out.fileno())
