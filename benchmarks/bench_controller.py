@@ -1,6 +1,6 @@
 """What the controller adds to one router call, next to native top-k selection.
 
-The measurement lives in `routereplay.bench` (also `routereplay bench`); see there.
+The measurement lives in `routereplay.bench.router` (also `routereplay bench`); see there.
 
     python benchmarks/bench_controller.py [--tokens 2048] [--experts 64] [--top-k 8]
                                           [--device cpu|cuda] [--dtype float32|bfloat16]
@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from routereplay.bench import render, router_overhead
+from routereplay.bench.router import render, router_overhead
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def add(commands: Commands) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from routereplay.bench import render, router_overhead
+    from routereplay.bench.router import render, router_overhead
     from routereplay.errors import RouteReplayError
 
     if min(args.tokens, args.experts, args.top_k, args.rounds, args.threads) < 1:

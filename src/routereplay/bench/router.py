@@ -8,7 +8,7 @@ Side by side in one run, for logits `[tokens, experts]`:
   native/replay fwd+bwd   the same through autograd
   replay entry     entering replay(): re-validating the trace, once per step, not per layer
 Ratios are what to read; absolute times depend on the (shared) machine.
-`routereplay bench` and benchmarks/bench_controller.py run this.
+`routereplay bench` (`routereplay bench router`) and benchmarks/bench_controller.py run this.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def _backward(weights: torch.Tensor) -> None:
 
 
 def render(result: dict[str, Any]) -> str:
+    """`router_overhead`'s result for people: microseconds per case, then the ratios."""
     shape = result["shape"]
     lines = [f"router call, logits [{shape['tokens']}, {shape['experts']}], top-{shape['top_k']}"]
     lines += [f"  {name:<16} {sec * 1e6:9.1f} us" for name, sec in result["seconds"].items()]
