@@ -7,8 +7,9 @@ stage's routed layers are; `routereplay import vllm|sglang` turns saved engine
 responses into a trace file; `routereplay inspect FILE` summarises a trace file and
 checks every sequence's checksum; `routereplay compare A B` measures how often two
 trace files of the same tokens route differently; `routereplay bench` times what
-record and replay add to a router call; `routereplay serve MODEL_DIR` stands in for
-`vllm serve --enable-return-routed-experts` on CPU.
+record and replay add to a router call, and `routereplay bench ingest` what ingesting
+a step's engine payloads for one trainer rank costs; `routereplay serve MODEL_DIR`
+stands in for `vllm serve --enable-return-routed-experts` on CPU.
 
 Each subcommand is a module with `add(commands)`, which registers its parser and sets
 `run`, and `run(args) -> exit code`; `main` only dispatches.
