@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -176,7 +177,9 @@ def test_inspect_of_a_damaged_file_exits_2_naming_the_sequence(
     trace_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     raw = bytearray(trace_file.read_bytes())
-    raw[-1] ^= 0xFF  # the routed mask of the last sequence
+    (length,) = struct.unpack("<Q", raw[:8])
+    end = json.loads(raw[8 : 8 + length])["routed"]["data_offsets"][1]
+    raw[8 + length + end - 1] ^= 0xFF  # the routed mask of the last sequence
     trace_file.write_bytes(bytes(raw))
     assert main(["inspect", str(trace_file), "--json"]) == EXIT_BAD_INPUT
     captured = capsys.readouterr()

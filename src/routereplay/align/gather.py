@@ -19,9 +19,10 @@ from routereplay.align.plan import PAD, LayerRuns, TokenPlan, layer_runs, starts
 from routereplay.align.traces import check_sequence_traces
 from routereplay.trace import RoutingTrace
 
-# Runs of at least this many rows on average are copied one by one; shorter ones (many
-# short sequences) are joined per piece first, where per-run overhead would dominate.
-SHORTEST_RUN = 64
+# Batches of sequences this long on average are copied run by run; shorter ones (many
+# short sequences) are joined per piece first, where a few microseconds of dispatch per
+# run would cost more than copying whole sequences once more.
+SHORTEST_SEQUENCE = 256
 
 
 class SequenceTraces:
@@ -33,6 +34,7 @@ class SequenceTraces:
         self.traces = list(traces)
         self.first = traces[0]
         self.starts = starts(lengths)  # [sequences]: each one's first row
+        self.lengths = lengths
         self._is_start = torch.zeros(int(lengths.sum()) + 1, dtype=torch.bool)
         self._is_start[self.starts] = True
         self._tokens = (
@@ -45,11 +47,12 @@ class SequenceTraces:
         """`plan`'s rows `[*plan.token_shape, layers, top_k]` (only `layers`, when given),
         padding -1, copied from the traces once."""
         kept = layer_runs(self.first, self.first.layers if layers is None else layers)
-        runs = _runs(plan, self.starts, self._is_start)
         host = self.first.experts.device.type == "cpu"
-        if host and runs.num_runs and runs.rows_per_run < SHORTEST_RUN:
-            experts = self._join_and_take(plan, runs, kept)
+        short = int(self.starts[-1]) < (SHORTEST_SEQUENCE - 1) * len(self.traces)
+        if host and short and plan.num_tokens:
+            experts = self._join_and_take(plan, kept)
         else:
+            runs = _runs(plan, self.starts, self._is_start)
             experts = torch.empty(
                 (plan.num_tokens, len(kept.layers), self.first.top_k),
                 dtype=self.first.experts.dtype,
@@ -78,23 +81,31 @@ class SequenceTraces:
                 source = arrays[sequence] = self.traces[sequence].experts.numpy()
             _copy_run(out, source, begin, row, count, kept)
 
-    def _join_and_take(self, plan: TokenPlan, runs: Runs, kept: LayerRuns) -> torch.Tensor:
-        """Short runs: join the piece's sequences (only those, in one call), keep the
-        layers, then one row gather for every output position, padding from a -1 row
-        after the end: per-run (or per-sequence) dispatch would cost more than that."""
-        sequences = torch.unique(runs.sequences)  # sorted
-        pieces = [self.traces[i].experts for i in sequences.tolist()]
-        joined = _kept_layers(torch.cat(pieces), kept)
-        lengths = torch.tensor([e.shape[0] for e in pieces], dtype=torch.int64)
-        joined_starts = torch.zeros(len(self.traces), dtype=torch.int64)
-        joined_starts[sequences] = starts(lengths)
+    def _join_and_take(self, plan: TokenPlan, kept: LayerRuns) -> torch.Tensor:
+        """Short sequences: join the piece's sequences (only those, in one call) into a
+        table whose last row is -1, then one gather of every output position's kept
+        layers, padding from that row: per-run (or per-sequence) dispatch would cost
+        more than joining all layers. The gather goes through numpy, which copies only
+        the kept layers of each row."""
+        real = plan.rows >= 0
         rows = plan.rows.clamp(min=0)
         owner = torch.searchsorted(self.starts, rows, right=True) - 1
-        index = torch.where(
-            plan.rows >= 0, joined_starts[owner] + rows - self.starts[owner], joined.shape[0]
+        sequences = torch.unique(owner[real])  # sorted
+        lengths = self.lengths[sequences]
+        total = int(lengths.sum())
+        pieces = [self.traces[i].experts for i in sequences.tolist()]
+        table = torch.empty(
+            (total + 1, *self.first.experts.shape[1:]), dtype=self.first.experts.dtype
         )
-        table = torch.cat([joined, joined.new_full((1, *joined.shape[1:]), PAD)])
-        return table.index_select(0, index)
+        if pieces:
+            torch.cat(pieces, out=table[:total])
+        table[total] = PAD
+        joined_starts = torch.zeros(len(self.traces), dtype=torch.int64)
+        joined_starts[sequences] = starts(lengths)
+        index = torch.where(real, joined_starts[owner] + rows - self.starts[owner], total)
+        source, at = table.numpy(), index.numpy()
+        parts = [source[at, first:end] for first, end in kept.runs]
+        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
 
 
 class Runs(NamedTuple):
@@ -109,10 +120,6 @@ class Runs(NamedTuple):
     @property
     def num_runs(self) -> int:
         return self.begins.numel()
-
-    @property
-    def rows_per_run(self) -> float:
-        return float(self.counts.sum()) / max(self.num_runs, 1)
 
     def as_list(self) -> list[tuple[int, int, int, int]]:
         columns = (self.begins, self.sequences, self.rows, self.counts)
@@ -143,8 +150,3 @@ def _copy_run(out: Any, source: Any, begin: int, row: int, count: int, kept: Lay
         width = end - first
         out[begin : begin + count, column : column + width] = source[row : row + count, first:end]
         column += width
-
-
-def _kept_layers(experts: torch.Tensor, kept: LayerRuns) -> torch.Tensor:
-    """`experts [tokens, layers, top_k]` on `kept`'s layers only (a view for one run)."""
-    return kept.join(lambda first, end: experts[:, first:end])

@@ -63,30 +63,34 @@ def check_sequence_traces(
     if not traces:
         raise TraceError("No traces were given: a batch needs at least one sequence.")
     first = traces[0]
-    shape = (first.layers, first.top_k, first.num_experts)
+    layers, top_k, num_experts = first.layers, first.top_k, first.num_experts
+    has_tokens = first.tokens is not None
+    sizes = []
+    # One pass, a few attribute reads a trace: a batch may hold 16,000 short sequences.
     for index, trace in enumerate(traces):
-        if trace.experts.ndim != 3:
+        shape = trace.experts.shape
+        if len(shape) != 3:
             raise TraceError(
                 f"Sequence {index}'s trace has token axes {list(trace.token_shape)}; a "
                 "per-sequence trace is [tokens, layers, top_k]."
             )
-        if (trace.layers, trace.top_k, trace.num_experts) != shape:  # the message's work
-            trace.check_compatible(
+        same_layers = trace.layers is layers or trace.layers == layers  # usually one tuple
+        if shape[2] != top_k or not same_layers or trace.num_experts != num_experts:
+            trace.check_compatible(  # the message's work
                 first,
                 names=(f"Sequence {index}'s trace", "sequence 0's"),
                 fix="convert every trace to the same layers first (RoutingTrace.select_layers).",
             )
-    found = torch.tensor([trace.experts.shape[0] for trace in traces], dtype=torch.int64)
+        if (trace.tokens is not None) != has_tokens:
+            raise TraceError(
+                f"Sequence {index}'s trace {'has no' if has_tokens else 'has'} token ids "
+                f"and sequence 0's {'has' if has_tokens else 'has none'}: join traces that "
+                "all know their tokens (engine traces), or none (RoutingTrace.with_tokens)."
+            )
+        sizes.append(shape[0])
+    found = torch.tensor(sizes, dtype=torch.int64)
     if lengths is not None:
         _check_lengths(lengths, found, f"{whose or 'the '}lengths say", whose)
-    with_tokens = [trace.tokens is not None for trace in traces]
-    if any(with_tokens) and not all(with_tokens):
-        index = with_tokens.index(not with_tokens[0])
-        raise TraceError(
-            f"Sequence {index}'s trace {'has' if with_tokens[index] else 'has no'} token ids "
-            f"and sequence 0's {'has' if with_tokens[0] else 'has none'}: join traces that "
-            "all know their tokens (engine traces), or none (RoutingTrace.with_tokens)."
-        )
     return found
 
 
