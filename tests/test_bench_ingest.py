@@ -23,7 +23,9 @@ CASES = {
     "ours: validate",
     "ours: align",
     "ours: file write, compact",
+    "ours: file write, compact, no fsync",
     "ours: file write, packed",
+    "ours: file write, packed, no fsync",
     "ours: file read, compact",
     "ours: file read, packed",
 }
@@ -49,7 +51,9 @@ def test_bench_ingest_times_every_case_once_the_paths_agree(
         "verl-style / ours",
         "ours peak / verl-style peak",
         "file write / read, compact",
+        "file write, no fsync / read, compact",
         "file write / read, packed",
+        "file write, no fsync / read, packed",
     }
     assert all(ratio > 0 for ratio in report["ratios"].values())
     assert report["shape"]["sequences"] == 16

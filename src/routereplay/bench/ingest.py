@@ -20,8 +20,10 @@ run, same payloads, results asserted equal, every path with the same base64 deco
     decode          vllm.decode_npy: base64 -> the array
     validate        the array -> a validated RoutingTrace (trace_from_rows)
     align           one rank's share from the per-sequence traces
-    file write      every trace into a trace file (TraceWriter, compact and packed)
-    file read       every trace back (TraceFile.trace, checksums verified)
+    file write      every trace into a new trace file (TraceWriter, compact and packed;
+                    durable, and with durable=False: no fsync before the rename)
+    file read       every trace back (TraceFile.trace, checksums verified; the file
+                    just written, so from the page cache)
 Peak memory is the largest resident-set growth of a case over its inputs, sampled in a
 forked child process per case (the parent's own allocations do not count).
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import io
 import multiprocessing as mp
 import resource
@@ -229,10 +232,14 @@ def synchronized(device: torch.device, body: Callable[[], object]) -> object:
 
 
 def write_file(
-    layout: MoELayout, traces: list[RoutingTrace], path: Path, encoding: Encoding
+    layout: MoELayout,
+    traces: list[RoutingTrace],
+    path: Path,
+    encoding: Encoding,
+    durable: bool = True,
 ) -> None:
     """Every trace into a trace file at `path`."""
-    with TraceWriter(path, layout, source="vllm", encoding=encoding) as writer:
+    with TraceWriter(path, layout, source="vllm", encoding=encoding, durable=durable) as writer:
         for trace in traces:
             writer.append(trace)
 
@@ -374,12 +381,13 @@ def _measured(work: Workload, rounds: int, device_name: str, folder: Path) -> di
         "ours: decode": lambda: decoded(work),
         "ours: validate": lambda: validated(work, arrays),
         "ours: align": lambda: rank_share(work, traces),
-        "ours: file write, compact": lambda: write_file(
-            work.layout, traces, files["compact"], "compact"
-        ),
-        "ours: file write, packed": lambda: write_file(
-            work.layout, traces, files["packed"], "packed"
-        ),
+        **{
+            f"ours: file write, {encoding}{'' if durable else ', no fsync'}": functools.partial(
+                write_file, work.layout, traces, folder / "written.rrt", encoding, durable
+            )
+            for encoding in ("compact", "packed")
+            for durable in (True, False)
+        },
         "ours: file read, compact": lambda: read_file(files["compact"]),
         "ours: file read, packed": lambda: read_file(files["packed"]),
     }
@@ -400,6 +408,9 @@ def _measured(work: Workload, rounds: int, device_name: str, folder: Path) -> di
     samples: dict[str, list[float]] = {case: [] for case in cases}
     for _ in range(rounds):  # interleaved, so noise hits every case alike
         for case, body in cases.items():
+            # A fresh file each write: replacing one costs its deletion (0.3 s for 400
+            # MB), which is not the writer's.
+            (folder / "written.rrt").unlink(missing_ok=True)
             start = time.perf_counter()
             body()
             samples[case].append(time.perf_counter() - start)
@@ -427,10 +438,14 @@ def _measured(work: Workload, rounds: int, device_name: str, folder: Path) -> di
             "ours / floor": seconds["ours"] / seconds["floor"],
             "verl-style / ours": seconds["verl-style"] / seconds["ours"],
             "ours peak / verl-style peak": peaks["ours"] / max(peaks["verl-style"], 1),
-            "file write / read, compact": seconds["ours: file write, compact"]
-            / seconds["ours: file read, compact"],
-            "file write / read, packed": seconds["ours: file write, packed"]
-            / seconds["ours: file read, packed"],
+            **{
+                f"file write{fsync} / read, {encoding}": seconds[
+                    f"ours: file write, {encoding}{fsync}"
+                ]
+                / seconds[f"ours: file read, {encoding}"]
+                for encoding in ("compact", "packed")
+                for fsync in ("", ", no fsync")
+            },
         },
     }
 
@@ -445,13 +460,13 @@ def render(report: dict[str, Any]) -> str:
         f"layers, top-{shape['top_k']} of {shape['experts']} ({ids / 1e6:.0f}M ids) -> cp "
         f"rank 0 of CP={shape['cp']} zigzag, pp rank 0 of PP={shape['pp']}, "
         f"{shape['micro_batches']} micro-batches; base64 by {shape['base64']}",
-        f"  {'case':<28} {'median ms':>10} {'ns/id':>7} {'MB/s':>8}",
+        f"  {'case':<36} {'median ms':>10} {'ns/id':>7} {'MB/s':>8}",
     ]
     for case, s in report["seconds"].items():
         ns, mbs = report["ns_per_id"][case], report["mb_per_s"][case]
-        lines.append(f"  {case:<28} {s * 1e3:10.1f} {ns:7.2f} {mbs:8.0f}")
+        lines.append(f"  {case:<36} {s * 1e3:10.1f} {ns:7.2f} {mbs:8.0f}")
     for case, mb in report["peak_mb"].items():
-        lines.append(f"  peak growth, {case:<15} {mb:8.0f} MB")
+        lines.append(f"  peak growth, {case:<23} {mb:8.0f} MB")
     for name, ratio in report["ratios"].items():
-        lines.append(f"  {name:<32} {ratio:6.2f}x")
+        lines.append(f"  {name:<40} {ratio:6.2f}x")
     return "\n".join(lines)
