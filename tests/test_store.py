@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import struct
 import subprocess
 import sys
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from routereplay import NO_ROUTE, MoELayout, Rollout, RoutingTrace, TraceError
 from routereplay.store import TraceFile, TraceFileError, TraceWriter
+from routereplay.store.codec import sequence_crc
 from routereplay.store.container import TensorSpec, metadata_crc, safetensors_header
 
 
@@ -147,7 +150,14 @@ def test_the_file_is_plain_safetensors_readable_without_routereplay(
     trace_path: Path, hybrid_layout: MoELayout, three_sequences: list[RoutingTrace]
 ) -> None:
     tensors = load_file(trace_path)
-    assert set(tensors) == {"offsets", "checksums", "tokens", "experts", "routed"}
+    assert set(tensors) == {
+        "offsets",
+        "checksums",
+        "block_checksums",
+        "tokens",
+        "experts",
+        "routed",
+    }
     assert tensors["offsets"].tolist() == [0, 7, 8, 20]
     first = three_sequences[0].expert_ids().numpy()
     routed = first[..., 0] != NO_ROUTE
@@ -155,7 +165,7 @@ def test_the_file_is_plain_safetensors_readable_without_routereplay(
     assert (tensors["experts"][:7][~routed] == 0).all()  # -1 rows live in the mask
     with safe_open(str(trace_path), framework="numpy") as raw:
         metadata = raw.metadata()
-    assert metadata["format"] == "routereplay.trace" and metadata["format_version"] == "2"
+    assert metadata["format"] == "routereplay.trace" and metadata["format_version"] == "3"
     assert json.loads(metadata["moe_layers"]) == list(hybrid_layout.moe_layers)
     assert (metadata["num_layers"], metadata["num_experts"], metadata["top_k"]) == ("8", "16", "4")
     assert (metadata["source"], metadata["encoding"]) == ("vllm", "compact")
@@ -249,8 +259,9 @@ def test_close_fsyncs_before_the_rename_unless_told_not_to(
 def test_files_of_earlier_writers_with_offsets_first_read_back(
     trace_path: Path, three_sequences: list[RoutingTrace]
 ) -> None:
-    # Writers before this one laid the index first and the ids after it: readers place
-    # tensors by the header, in any order.
+    # Writers before this one (format 2) laid the index first and the ids after it:
+    # readers place tensors by the header, in any order.
+    as_version(trace_path, 2)
     with safe_open(str(trace_path), framework="numpy") as raw:
         metadata = dict(raw.metadata())
     tensors = load_file(trace_path)
@@ -507,13 +518,18 @@ def test_check_layout_names_experts_and_top_k(trace_path: Path) -> None:
         traces.check_layout(other)
 
 
+@pytest.mark.parametrize(
+    ("version", "what"), [(3, r"its tokens 0\.\.0 have checksum"), (2, "its bytes have checksum")]
+)
 def test_a_damaged_sequence_is_named_and_the_others_still_read(
-    trace_path: Path, three_sequences: list[RoutingTrace]
+    trace_path: Path, three_sequences: list[RoutingTrace], version: int, what: str
 ) -> None:
+    if version != 3:
+        as_version(trace_path, version)
     begin, _ = tensor_bytes(trace_path, "experts")
     flip_byte(trace_path, begin + 7 * 6 * 4)  # the first id of sequence 1 (7 tokens before it)
     with TraceFile(trace_path) as traces:
-        with pytest.raises(TraceFileError, match=r"rollouts\.rr: sequence 1 is damaged: its bytes"):
+        with pytest.raises(TraceFileError, match=rf"rollouts\.rr: sequence 1 is damaged: {what}"):
             traces.trace(1)
         with pytest.raises(TraceFileError, match="sequence 1 is damaged"):
             traces.tokens(1)
@@ -601,6 +617,32 @@ def rewrite_metadata(path: Path, reseal: bool = True, **changes: str | None) -> 
     save_file(tensors, path, metadata=metadata)
 
 
+def as_version(path: Path, version: int) -> None:
+    """Rewrite a (compact) trace file as writers of format `version` (1 or 2) wrote it:
+    no block checksums, each sequence's checksum over its experts, routed and tokens
+    bytes, and (version 1) no metadata checksum."""
+    with safe_open(str(path), framework="numpy") as raw:
+        metadata = dict(raw.metadata())
+    tensors = load_file(path)
+    del tensors["block_checksums"], metadata["block_tokens"], metadata["block_checksums_crc32"]
+    offsets = tensors["offsets"]
+    layers = len(json.loads(metadata["moe_layers"]))
+    mask_ends = np.cumsum([0, *(-(-int(n) * layers // 8) for n in np.diff(offsets))])
+    crcs = []
+    for i, (t0, t1) in enumerate(itertools.pairwise(offsets)):
+        ids = tensors["experts"][t0:t1].reshape(-1).view(np.uint8)
+        mask = tensors["routed"][mask_ends[i] : mask_ends[i + 1]]
+        token_ids = tensors["tokens"][t0:t1].view(np.uint8) if "tokens" in tensors else None
+        crcs.append(sequence_crc(ids, mask, token_ids))
+    tensors["checksums"] = np.array(crcs, dtype="<u4")
+    metadata["checksums_crc32"] = str(zlib.crc32(tensors["checksums"].tobytes()))
+    metadata["format_version"] = str(version)
+    del metadata["metadata_crc32"]
+    if version == 2:
+        metadata["metadata_crc32"] = str(metadata_crc(metadata))
+    save_file(tensors, path, metadata=metadata)
+
+
 def test_a_file_written_by_safetensors_itself_reads_back(
     trace_path: Path, three_sequences: list[RoutingTrace]
 ) -> None:
@@ -610,10 +652,11 @@ def test_a_file_written_by_safetensors_itself_reads_back(
 
 
 def test_an_unsupported_format_version_is_named(trace_path: Path) -> None:
-    rewrite_metadata(trace_path, format_version="3")
+    rewrite_metadata(trace_path, format_version="4")
     with pytest.raises(
         TraceFileError,
-        match=r"rollouts\.rr is trace format version 3; this routereplay reads versions 1, 2 \(it writes 2\)",
+        match=r"rollouts\.rr is trace format version 4; this routereplay reads versions 1, 2, 3 "
+        r"\(it writes 3\)",
     ):
         TraceFile(trace_path)
 
@@ -812,10 +855,20 @@ def test_a_changed_prompt_length_or_id_is_caught_by_its_checksum(
         TraceFile(rollout_path)
 
 
+def test_a_token_range_of_a_version_2_file_reads_its_whole_sequence(
+    trace_path: Path, three_sequences: list[RoutingTrace]
+) -> None:
+    as_version(trace_path, 2)  # no block checksums: the sequence's checksum verifies it
+    with TraceFile(trace_path) as traces:
+        part = traces.trace(2, 3, 9)
+        assert torch.equal(part.experts, three_sequences[2].experts[3:9].to(part.experts.dtype))
+        assert part.tokens is not None and part.tokens.tolist() == list(range(203, 209))
+
+
 def test_a_version_1_file_without_prompt_lengths_or_ids_still_reads(
     trace_path: Path, three_sequences: list[RoutingTrace]
 ) -> None:
-    rewrite_metadata(trace_path, format_version="1")
+    as_version(trace_path, 1)
     with TraceFile(trace_path) as traces:
         assert not traces.has_prompt_lens and not traces.has_sequence_ids
         assert all(a.equal(b) for a, b in zip(traces, three_sequences, strict=True))

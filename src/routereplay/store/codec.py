@@ -186,3 +186,20 @@ def sequence_crc(ids: Bytes, mask: Bytes, tokens: Bytes | None) -> int:
     """zlib.crc32 over a sequence's experts, routed and tokens bytes (C-contiguous)."""
     crc = zlib.crc32(mask.data, zlib.crc32(ids.data))
     return crc if tokens is None else zlib.crc32(tokens.data, crc)
+
+
+def block_crcs(
+    codec: Codec, tokens: int, ids: Bytes, mask: Bytes, token_bytes: Bytes | None, block: int
+) -> npt.NDArray[np.uint32]:
+    """`sequence_crc` of each block of `block` tokens of a run of `tokens` tokens whose
+    bytes are `ids`, `mask` and `token_bytes` (from a block boundary; the last block
+    partial, up to the ends of the bytes). `[ceil(tokens / block)]`."""
+    id_step, mask_step = codec.id_bytes(block), codec.mask_bytes(block)
+    crcs = np.empty(-(-tokens // block), dtype=np.uint32)
+    for b in range(crcs.size):
+        crc = zlib.crc32(ids[b * id_step : (b + 1) * id_step].data)
+        crc = zlib.crc32(mask[b * mask_step : (b + 1) * mask_step].data, crc)
+        if token_bytes is not None:
+            crc = zlib.crc32(token_bytes[4 * b * block : 4 * (b + 1) * block].data, crc)
+        crcs[b] = crc
+    return crcs

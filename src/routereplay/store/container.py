@@ -18,9 +18,19 @@ from routereplay.layout import MoELayout
 from routereplay.store.codec import Codec
 
 FORMAT = "routereplay.trace"
-FORMAT_VERSION = 2
-# Version 1 is version 2 without prompt lengths and sequence ids: read both.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Version 1 is version 2 without prompt lengths and sequence ids; version 3 adds a
+# checksum per block of BLOCK_TOKENS tokens, so that a range of a sequence's tokens is
+# read and verified alone. All three are read.
+READABLE_VERSIONS = (1, 2, 3)
+# Tokens per checksummed block (a multiple of 8: every block's ids and routed mask
+# start on a byte boundary, whatever the bits per id).
+BLOCK_TOKENS = 32
+
+
+def num_blocks(tokens: int, block_tokens: int = BLOCK_TOKENS) -> int:
+    """Checksummed blocks of a sequence of `tokens` tokens (the last one partial)."""
+    return -(-tokens // block_tokens)
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,7 @@ class Sizes:
     has_tokens: bool
     has_prompt_lens: bool = False
     sequence_id_bytes: int | None = None  # None: the file holds no sequence ids
+    blocks: int | None = None  # checksummed blocks (version 3); None: versions 1, 2
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,8 @@ def tensor_specs(codec: Codec, sizes: Sizes) -> list[TensorSpec]:
     if sizes.sequence_id_bytes is not None:
         specs.append(TensorSpec("sequence_id_offsets", "I64", *index))
     specs.append(TensorSpec("checksums", "U32", (sizes.sequences,), 4 * sizes.sequences))
+    if sizes.blocks is not None:
+        specs.append(TensorSpec("block_checksums", "U32", (sizes.blocks,), 4 * sizes.blocks))
     if sizes.has_prompt_lens:
         specs.append(TensorSpec("prompt_lens", "I32", (sizes.sequences,), 4 * sizes.sequences))
     if sizes.sequence_id_bytes is not None:

@@ -23,7 +23,7 @@ from routereplay.errors import LayoutError, TraceError, TraceFileError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
 from routereplay.rollout import Rollout
-from routereplay.store.codec import ENCODINGS, Bytes, Codec, sequence_crc
+from routereplay.store.codec import ENCODINGS, Bytes, Codec, block_crcs, sequence_crc
 from routereplay.store.container import (
     FINGERPRINT_WORDS,
     FORMAT,
@@ -136,14 +136,23 @@ class TraceFile:
         index = self._index(index)
         return int(self._offsets[index + 1] - self._offsets[index])
 
-    def trace(self, index: int) -> RoutingTrace:
+    def trace(self, index: int, start: int = 0, stop: int | None = None) -> RoutingTrace:
         """Sequence `index`'s routes: `experts [tokens, layers, top_k]`, -1 rows kept, with
-        its token ids when the file holds them."""
+        its token ids when the file holds them.
+
+        `start`, `stop`: its tokens `start .. stop - 1` only, `[stop - start, layers,
+        top_k]`. A version 3 file reads and verifies only the checksummed blocks of
+        `block_tokens` tokens that hold them; older files read the whole sequence.
+        """
         index = self._index(index)
-        ids, mask, token_ids = self._read_sequence(index)
-        experts = self._codec.decode(ids, mask, self.num_tokens(index))
+        start, stop = self._token_range(index, start, stop)
+        ids, mask, token_ids, first = self._read_rows(index, start, stop)
+        count = self._decoded_tokens(index, first, stop)
+        experts = self._codec.decode(ids, mask, count)[start - first : stop - first]
         # The token ids were read for the checksum anyway: the trace knows its tokens.
-        tokens = None if token_ids is None else torch.from_numpy(token_ids.view("<i4").copy())
+        if token_ids is not None:
+            token_ids = token_ids.view("<i4")[start - first : stop - first]
+        tokens = None if token_ids is None else torch.from_numpy(token_ids.copy())
         try:
             if experts.dtype != self._codec.storage_dtype:  # an id beyond num_experts
                 return RoutingTrace(
@@ -329,6 +338,13 @@ class TraceFile:
                 f"the token offsets must rise from 0 to num_tokens={tokens}, found "
                 f"{offsets[:3].tolist()} ... {offsets[-1]}"
             )
+        self._block_starts: np.ndarray[Any, Any] | None = None
+        if version not in ("1", "2"):
+            block = fields.integer("block_tokens")
+            if block < 8 or block % 8:
+                raise self._damaged(f"block_tokens={block} is not a positive multiple of 8")
+            self._block_tokens = block
+            self._block_starts = np.concatenate([[0], np.cumsum(-(-counts // block))])
         id_bytes = (counts * len(self.layers) * self.top_k * self._codec.bits + 7) // 8
         mask_bytes = (counts * len(self.layers) + 7) // 8
         self._offsets = offsets
@@ -352,6 +368,7 @@ class TraceFile:
             self._has_tokens,
             has_prompt_lens="prompt_lens" in names,
             sequence_id_bytes=id_bytes_total,
+            blocks=None if self._block_starts is None else int(self._block_starts[-1]),
         )
         specs = tensor_specs(self._codec, sizes)
         expected = {spec.name for spec in specs}
@@ -361,7 +378,23 @@ class TraceFile:
             self._check_tensor(spec)
         self._checksums = self._handle.get_tensor("checksums")
         self._check_crc("checksums", self._checksums, fields.integer("checksums_crc32"))
+        if self._block_starts is not None:
+            self._read_blocks(fields)
         self._read_facts(fields, sizes)
+
+    def _read_blocks(self, fields: HeaderFields) -> None:
+        """Version 3's block checksums: checksummed, and each sequence's checksum the
+        crc32 of its blocks' (so that no block checksum moved to another sequence)."""
+        assert self._block_starts is not None
+        blocks = self._handle.get_tensor("block_checksums")
+        self._check_crc("block_checksums", blocks, fields.integer("block_checksums_crc32"))
+        raw = np.ascontiguousarray(blocks, dtype="<u4").tobytes()
+        for index, (b0, b1) in enumerate(itertools.pairwise(self._block_starts.tolist())):
+            if zlib.crc32(raw[4 * b0 : 4 * b1]) != int(self._checksums[index]):
+                raise self._damaged(
+                    f"sequence {index}'s checksum is not that of its block checksums"
+                )
+        self._block_checksums = blocks
 
     def _read_facts(self, fields: HeaderFields, sizes: Sizes) -> None:
         """Prompt lengths and sequence ids, checksummed and checked against the index."""
@@ -427,26 +460,84 @@ class TraceFile:
         return index % count
 
     def _read_sequence(self, index: int) -> tuple[Bytes, Bytes, Bytes | None]:
-        """Sequence `index`'s experts, routed and tokens bytes, checksum verified."""
-        t0, t1 = int(self._offsets[index]), int(self._offsets[index + 1])
-        if self.encoding == "compact":
-            ids = self._slice("experts", t0, t1).reshape(-1).view(np.uint8)
-        else:
-            ids = self._slice(
-                "experts", int(self._id_starts[index]), int(self._id_starts[index + 1])
-            )
-        mask = self._slice(
-            "routed", int(self._mask_starts[index]), int(self._mask_starts[index + 1])
-        )
-        token_ids = self._slice("tokens", t0, t1).view(np.uint8) if self._has_tokens else None
-        found, expected = sequence_crc(ids, mask, token_ids), int(self._checksums[index])
-        if found != expected:
-            raise TraceFileError(
-                f"{self.path}: sequence {index} is damaged: its bytes have checksum "
-                f"{found:08x}, the index says {expected:08x}. The file changed after it was "
-                "written; the other sequences can still be read."
-            )
+        """Sequence `index`'s experts, routed and tokens bytes, checksums verified."""
+        ids, mask, token_ids, _ = self._read_rows(index, 0, self.num_tokens(index))
         return ids, mask, token_ids
+
+    def _read_rows(
+        self, index: int, start: int, stop: int
+    ) -> tuple[Bytes, Bytes, Bytes | None, int]:
+        """The experts, routed and tokens bytes of sequence `index` from token `first`
+        (returned last) on, holding tokens `start .. stop - 1`, checksums verified: the
+        blocks that hold them (version 3), else the whole sequence."""
+        t0, t1 = int(self._offsets[index]), int(self._offsets[index + 1])
+        first, last = 0, t1 - t0  # the tokens read: whole blocks, or the whole sequence
+        if self._block_starts is not None:
+            block = self._block_tokens
+            first, last = start // block * block, min(-(-stop // block) * block, t1 - t0)
+        if self.encoding == "compact":
+            ids = self._slice("experts", t0 + first, t0 + last).reshape(-1).view(np.uint8)
+        else:  # a sequence's packed bytes end padded: its last token's block takes them
+            id_start = int(self._id_starts[index])
+            id_end = id_start + self._codec.id_bytes(last)
+            if last == t1 - t0:
+                id_end = int(self._id_starts[index + 1])
+            ids = self._slice("experts", id_start + self._codec.id_bytes(first), id_end)
+        mask_start = int(self._mask_starts[index])
+        mask_end = mask_start + self._codec.mask_bytes(last)
+        if last == t1 - t0:
+            mask_end = int(self._mask_starts[index + 1])
+        mask = self._slice("routed", mask_start + self._codec.mask_bytes(first), mask_end)
+        token_ids = None
+        if self._has_tokens:
+            token_ids = self._slice("tokens", t0 + first, t0 + last).view(np.uint8)
+        if self._block_starts is None:
+            found, expected = sequence_crc(ids, mask, token_ids), int(self._checksums[index])
+            if found != expected:
+                raise TraceFileError(
+                    f"{self.path}: sequence {index} is damaged: its bytes have checksum "
+                    f"{found:08x}, the index says {expected:08x}. The file changed after it "
+                    "was written; the other sequences can still be read."
+                )
+            return ids, mask, token_ids, first
+        found_blocks = block_crcs(
+            self._codec, last - first, ids, mask, token_ids, self._block_tokens
+        )
+        b0 = int(self._block_starts[index]) + first // self._block_tokens
+        stored = self._block_checksums[b0 : b0 + found_blocks.size]
+        differ = np.flatnonzero(found_blocks != stored)
+        if differ.size:
+            bad = int(differ[0])
+            begin = first + bad * self._block_tokens
+            end = min(begin + self._block_tokens, t1 - t0) - 1
+            raise TraceFileError(
+                f"{self.path}: sequence {index} is damaged: its tokens {begin}..{end} have "
+                f"checksum {int(found_blocks[bad]):08x}, the index says "
+                f"{int(stored[bad]):08x}. The file changed after it was written; the other "
+                "sequences (and this one's other blocks) can still be read."
+            )
+        return ids, mask, token_ids, first
+
+    def _token_range(self, index: int, start: int, stop: int | None) -> tuple[int, int]:
+        tokens = self.num_tokens(index)
+        stop = tokens if stop is None else stop
+        for name, value in (("start", start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise TraceFileError(f"{self.path}: {name} is a token index, found {value!r}.")
+        if not 0 <= start <= stop <= tokens:
+            raise TraceFileError(
+                f"{self.path}: tokens {start}..{stop - 1} of sequence {index} were asked for; "
+                f"it has {tokens} (0 <= start <= stop <= {tokens})."
+            )
+        return int(start), int(stop)
+
+    def _decoded_tokens(self, index: int, first: int, stop: int) -> int:
+        """Tokens in the bytes `_read_rows` returned for a range ending at `stop`."""
+        if self._block_starts is None:
+            return self.num_tokens(index)
+        return (
+            min(-(-stop // self._block_tokens) * self._block_tokens, self.num_tokens(index)) - first
+        )
 
     def _slice(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
         """Rows `start:stop` of one tensor, read lazily (only those bytes)."""

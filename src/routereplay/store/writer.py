@@ -24,8 +24,9 @@ from routereplay.errors import TraceError, TraceFileError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
 from routereplay.rollout import Rollout
-from routereplay.store.codec import Codec, Encoding, sequence_crc
+from routereplay.store.codec import Codec, Encoding, block_crcs
 from routereplay.store.container import (
+    BLOCK_TOKENS,
     FORMAT,
     FORMAT_VERSION,
     METADATA_CRC,
@@ -159,9 +160,11 @@ class TraceWriter:
         self._id_bytes = 0
         self._mask_bytes = 0
         self._has_tokens: bool | None = None  # decided by the first append
-        # Per sequence, in memory until close: 12 bytes each, and the facts below.
+        # In memory until close: 12 bytes per sequence and 4 per block of BLOCK_TOKENS
+        # tokens (1M tokens: 128 KB), and the facts below.
         self._offsets = array("q", [0])
         self._checksums = array("I")
+        self._block_checksums = array("I")
         # [S] each, or None when the sequences give none (decided by the first append,
         # like token ids).
         self._prompt_lens: list[int] | None = None
@@ -216,7 +219,8 @@ class TraceWriter:
         self._check_facts(prompt_len, sequence_id, len(experts))
         ids, mask = self._codec.encode(experts)
         token_bytes = None if token_ids is None else token_ids.view(np.uint8)
-        crc = sequence_crc(ids, mask, token_bytes)
+        blocks = block_crcs(self._codec, len(experts), ids, mask, token_bytes, BLOCK_TOKENS)
+        crc = zlib.crc32(blocks.astype("<u4").tobytes())  # a sequence's: of its blocks'
         try:
             spill.write(ids.data)
             self._sides["routed"].write(mask.data)
@@ -234,6 +238,7 @@ class TraceWriter:
         self._add_facts(prompt_len, sequence_id)
         self._offsets.append(self._tokens)
         self._checksums.append(crc)
+        self._block_checksums.extend(blocks.tolist())
 
     def append_rollout(self, rollout: Rollout) -> None:
         """Add one engine `Rollout`: its routes, token ids, prompt length and id."""
@@ -426,6 +431,9 @@ class TraceWriter:
         tensors = {
             "offsets": np.frombuffer(self._offsets, dtype=np.int64).astype("<i8").tobytes(),
             "checksums": np.frombuffer(self._checksums, dtype=np.uint32).astype("<u4").tobytes(),
+            "block_checksums": np.frombuffer(self._block_checksums, dtype=np.uint32)
+            .astype("<u4")
+            .tobytes(),
         }
         if self._prompt_lens is not None:
             tensors["prompt_lens"] = np.asarray(self._prompt_lens, dtype="<i4").tobytes()
@@ -453,6 +461,8 @@ class TraceWriter:
             "num_tokens": str(self._tokens),
             "offsets_crc32": str(zlib.crc32(facts["offsets"])),
             "checksums_crc32": str(zlib.crc32(facts["checksums"])),
+            "block_tokens": str(BLOCK_TOKENS),
+            "block_checksums_crc32": str(zlib.crc32(facts["block_checksums"])),
         } | fact_checksums(facts)
 
     def _sizes(self, facts: dict[str, bytes]) -> Sizes:
@@ -465,6 +475,7 @@ class TraceWriter:
             bool(self._has_tokens),
             has_prompt_lens="prompt_lens" in facts,
             sequence_id_bytes=None if ids is None else len(ids),
+            blocks=len(self._block_checksums),
         )
 
     def _header(self, largest: int | None = None) -> bytes:
@@ -473,9 +484,15 @@ class TraceWriter:
         facts = self._fact_tensors()
         sizes, metadata = self._sizes(facts), self._metadata(facts)
         if largest is not None:
-            sizes = Sizes(largest, largest, largest, largest, True, True, largest)
+            sizes = Sizes(largest, largest, largest, largest, True, True, largest, largest)
             counts = ("num_sequences", "num_tokens")
-            crcs = ("offsets_crc32", "checksums_crc32", "prompt_lens_crc32", "sequence_ids_crc32")
+            crcs = (
+                "offsets_crc32",
+                "checksums_crc32",
+                "block_checksums_crc32",
+                "prompt_lens_crc32",
+                "sequence_ids_crc32",
+            )
             metadata |= dict.fromkeys(counts, str(largest)) | dict.fromkeys(crcs, str(_LARGEST_CRC))
         metadata[METADATA_CRC] = str(
             _LARGEST_CRC if largest is not None else metadata_crc(metadata)
