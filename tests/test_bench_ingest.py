@@ -28,6 +28,8 @@ CASES = {
     "ours: file write, packed, no fsync",
     "ours: file read, compact",
     "ours: file read, packed",
+    "ours: rank's ranges of file, compact",
+    "ours: rank's ranges of file, packed",
 }
 
 
@@ -41,7 +43,12 @@ def test_bench_ingest_times_every_case_once_the_paths_agree(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     report = bench_ingest(capsys)
-    assert report["equal_to_floor"] == ["verl-style", "ours", "ours, via a file"]
+    assert report["equal_to_floor"] == [
+        "verl-style",
+        "ours",
+        "ours, via a file",
+        "ours, a rank's ranges of a file",
+    ]
     assert set(report["seconds"]) == CASES
     assert set(report["ns_per_id"]) == set(report["mb_per_s"]) == CASES
     assert all(seconds > 0 for seconds in report["seconds"].values())

@@ -33,6 +33,7 @@ from routereplay.align.micro_batches import (
     fixed_micro_batches,
 )
 from routereplay.align.plan import TokenPlan, check_partition, restore, restore_trace
+from routereplay.align.source import SequenceSource
 from routereplay.align.traces import (
     concat_traces,
     pack_traces,
@@ -47,6 +48,7 @@ from routereplay.align.traces import (
 __all__ = [
     "MicroBatches",
     "Piece",
+    "SequenceSource",
     "ThdPlan",
     "TokenPlan",
     "balanced_micro_batches",

@@ -28,6 +28,7 @@ from routereplay.align.plan import (
     restore_trace,
     starts,
 )
+from routereplay.align.source import SequenceSource, SourceRanges
 from routereplay.errors import LayoutError
 from routereplay.trace import RoutingTrace
 
@@ -75,7 +76,7 @@ class ThdPlan:
 
     def rank_routes(
         self,
-        trace: RoutingTrace | Sequence[RoutingTrace],
+        trace: RoutingTrace | Sequence[RoutingTrace] | SequenceSource,
         cp_rank: int = 0,
         tp_rank: int = 0,
         layers: Iterable[int] | None = None,
@@ -83,12 +84,13 @@ class ThdPlan:
         """What one trainer rank replays: micro-batch -> its piece of `trace`, the mapping
         `ReplayController.replay` takes.
 
-        `trace` is the batch's `[sum(lengths), layers, top_k]` or, as engines hand them
+        `trace` is the batch's `[sum(lengths), layers, top_k]`; or, as engines hand them
         over, one trace per sequence in batch order, which are gathered from directly
-        (no join of the batch first). Only this rank's tokens and, with `layers` (its
-        pipeline stages' routed layers, `MoELayout.rank_moe_layers`), only those
-        layers' ids are moved: a rank of a CP x PP job copies 1 / (cp_size * pp_size)
-        of the batch's ids.
+        (no join of the batch first); or a `SequenceSource` such as a `TraceFile`, from
+        which only the token ranges this rank replays are read. Only this rank's
+        tokens and, with `layers` (its pipeline stages' routed layers,
+        `MoELayout.rank_moe_layers`), only those layers' ids are moved: a rank of a
+        CP x PP job copies 1 / (cp_size * pp_size) of the batch's ids.
         """
         ranks = {(piece.cp_rank, piece.tp_rank) for piece in self.pieces}
         if (cp_rank, tp_rank) not in ranks:
@@ -109,7 +111,11 @@ class ThdPlan:
             return {
                 micro_batch: plan.apply_trace(trace, wanted) for micro_batch, plan in mine.items()
             }
-        sequences = SequenceTraces(trace, self.lengths)
+        sequences: SequenceTraces | SourceRanges
+        if isinstance(trace, SequenceSource):
+            sequences = SourceRanges(trace, self.lengths)
+        else:
+            sequences = SequenceTraces(trace, self.lengths)
         return {micro_batch: sequences.gather(plan, wanted) for micro_batch, plan in mine.items()}
 
     def restore(self, pieces: Mapping[Piece, torch.Tensor]) -> torch.Tensor:

@@ -52,7 +52,7 @@ class SequenceTraces:
         if host and short and plan.num_tokens:
             experts = self._join_and_take(plan, kept)
         else:
-            runs = _runs(plan, self.starts, self._is_start)
+            runs = token_runs(plan, self.starts, self._is_start)
             experts = torch.empty(
                 (plan.num_tokens, len(kept.layers), self.first.top_k),
                 dtype=self.first.experts.dtype,
@@ -126,7 +126,7 @@ class Runs(NamedTuple):
         return list(zip(*(column.tolist() for column in columns), strict=True))
 
 
-def _runs(plan: TokenPlan, starts: torch.Tensor, is_start: torch.Tensor) -> Runs:
+def token_runs(plan: TokenPlan, starts: torch.Tensor, is_start: torch.Tensor) -> Runs:
     """The runs of `plan`'s token axis, padding left out; `starts [sequences]` is where
     each sequence begins on the source axis, `is_start [source rows]` marks those rows."""
     positions = (plan.rows >= 0).nonzero().flatten()

@@ -90,7 +90,7 @@ def check_sequence_traces(
         sizes.append(shape[0])
     found = torch.tensor(sizes, dtype=torch.int64)
     if lengths is not None:
-        _check_lengths(lengths, found, f"{whose or 'the '}lengths say", whose)
+        check_lengths(lengths, found, f"{whose or 'the '}lengths say", whose)
     return found
 
 
@@ -132,7 +132,7 @@ def pad_traces(
     if seq_len is not None:
         raise LayoutError("Give seq_len or mask, not both: the mask sets the row length.")
     plan = mask_plan(mask)
-    _check_lengths(plan.valid_lengths, lengths, "its mask row marks")
+    check_lengths(plan.valid_lengths, lengths, "its mask row marks")
     return plan.apply_trace(flat)
 
 
@@ -349,7 +349,9 @@ def _stage_tokens(stages: Sequence[RoutingTrace]) -> torch.Tensor | None:
     return merged
 
 
-def _check_lengths(lengths: torch.Tensor, found: torch.Tensor, said: str, whose: str = "") -> None:
+def check_lengths(lengths: torch.Tensor, found: torch.Tensor, said: str, whose: str = "") -> None:
+    """Raise unless the traces' lengths `found` are `lengths` (`said`: who gave those,
+    e.g. "the plan's lengths say")."""
     if lengths.numel() != found.numel():
         raise TraceError(
             f"{found.numel()} traces were given for {whose}{lengths.numel()} sequences."

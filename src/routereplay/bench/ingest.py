@@ -24,6 +24,8 @@ run, same payloads, results asserted equal, every path with the same base64 deco
                     durable, and with durable=False: no fsync before the rename)
     file read       every trace back (TraceFile.trace, checksums verified; the file
                     just written, so from the page cache)
+    rank's ranges   the rank's share read straight from the file (ThdPlan.rank_routes
+                    of a TraceFile): only its CP chunks' blocks, over its stage's layers
 Peak memory is the largest resident-set growth of a case over its inputs, sampled in a
 forked child process per case (the parent's own allocations do not count).
 
@@ -218,6 +220,13 @@ def rank_share(work: Workload, traces: list[RoutingTrace]) -> dict[int, np.ndarr
     return {micro_batch: trace.experts.numpy() for micro_batch, trace in routes.items()}
 
 
+def file_share(work: Workload, path: Path) -> dict[int, np.ndarray[Any, Any]]:
+    """This rank's share read straight from a trace file: only its token ranges."""
+    with TraceFile(path) as file:
+        routes = work.plan().rank_routes(file, cp_rank=RANK, layers=work.stage_layers)
+    return {micro_batch: trace.experts.numpy() for micro_batch, trace in routes.items()}
+
+
 def device_share(work: Workload, traces: list[RoutingTrace]) -> dict[int, torch.Tensor]:
     """Stage 3 of ours from traces on a device: the ids stay where the traces are."""
     routes = work.plan().rank_routes(traces, cp_rank=RANK, layers=work.stage_layers)
@@ -369,6 +378,7 @@ def _measured(work: Workload, rounds: int, device_name: str, folder: Path) -> di
         "verl-style": verl_style(work),
         "ours": ours(work),
         "ours, via a file": rank_share(work, read_file(files["packed"])),
+        "ours, a rank's ranges of a file": file_share(work, files["compact"]),
     }
     for name, result in checked.items():
         check_equal(result, reference, name)
@@ -389,6 +399,8 @@ def _measured(work: Workload, rounds: int, device_name: str, folder: Path) -> di
             for durable in (True, False)
         },
         "ours: file read, compact": lambda: read_file(files["compact"]),
+        "ours: rank's ranges of file, compact": lambda: file_share(work, files["compact"]),
+        "ours: rank's ranges of file, packed": lambda: file_share(work, files["packed"]),
         "ours: file read, packed": lambda: read_file(files["packed"]),
     }
     if device_name != "cpu":
