@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from routereplay.engines import base64_field
-from routereplay.engines.base64_field import decode_base64, decoder_name, fast_decoder
+from routereplay.engines.base64_field import (
+    decode_base64,
+    decoder_name,
+    fast_decoder,
+    first_decoder,
+    standard_library_only,
+)
 from routereplay.errors import TraceError
 
 WIRE = "vLLM's server sends base64 of .npy bytes"
@@ -85,3 +91,11 @@ def test_without_pybase64_the_standard_library_decodes(monkeypatch: pytest.Monke
 def test_a_field_that_is_not_text_is_reported(value: object) -> None:
     with pytest.raises(TraceError, match=r"routed_experts is a \w+; vLLM's server sends"):
         decode_base64(value, "routed_experts", "vllm sequence 3", WIRE)
+
+
+def test_within_standard_library_only_pybase64_is_not_used() -> None:
+    with standard_library_only():
+        assert decoder_name() == "base64"
+        assert "Incorrect padding" in str(decoded("QUJ"))
+        assert first_decoder()("QUJD") == b"ABC"
+    assert decoder_name().startswith("pybase64 ")

@@ -42,11 +42,10 @@ import functools
 import io
 import multiprocessing as mp
 import resource
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,7 @@ import torch
 from routereplay import MoELayout, PipelineSplit, RoutingTrace
 from routereplay.align import ThdPlan, balanced_micro_batches, padded_lengths, plan_thd
 from routereplay.engines import trace_from_rows, vllm
-from routereplay.engines.base64_field import decoder_name, fast_decoder
+from routereplay.engines.base64_field import decoder_name, first_decoder, standard_library_only
 from routereplay.engines.vllm.arrays import decode_npy
 from routereplay.store import Encoding, TraceFile, TraceWriter
 
@@ -124,8 +123,7 @@ class Workload:
 
 def b64decode(text: str) -> bytes | bytearray:
     """The decoder every path uses: the one `decode_base64` tries first."""
-    fast = fast_decoder()
-    return fast(text) if fast is not None else base64.b64decode(text, validate=True)
+    return first_decoder()(text)
 
 
 def floor(work: Workload) -> dict[int, np.ndarray[Any, Any]]:
@@ -319,27 +317,6 @@ def _resident() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-@contextlib.contextmanager
-def _base64_decoder(stdlib: bool) -> Iterator[None]:
-    """Within: every path decodes with the standard library's base64 where `stdlib`,
-    even with pybase64 installed (its import fails), and as before afterwards."""
-    if not stdlib:
-        yield
-        return
-    hidden = sys.modules.get("pybase64", None)
-    was_imported = "pybase64" in sys.modules
-    sys.modules["pybase64"] = None  # type: ignore[assignment]  # its import now fails
-    fast_decoder.cache_clear()
-    try:
-        yield
-    finally:
-        if was_imported:
-            sys.modules["pybase64"] = hidden  # type: ignore[assignment]
-        else:
-            del sys.modules["pybase64"]
-        fast_decoder.cache_clear()
-
-
 def ingestion(
     sequences: int = 1000,
     min_len: int = 256,
@@ -360,7 +337,7 @@ def ingestion(
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}.")
     with (
-        _base64_decoder(stdlib_base64),
+        standard_library_only() if stdlib_base64 else contextlib.nullcontext(),
         tempfile.TemporaryDirectory(prefix="bench_ingest_") as folder,
     ):
         return _measured(Workload(sequences, min_len, max_len), rounds, device, Path(folder))

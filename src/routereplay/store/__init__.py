@@ -1,14 +1,17 @@
 """Trace files: the routes of many sequences in one safetensors file.
 
 Rollouts stream in one sequence at a time (`TraceWriter.append`); the trainer reads
-one sequence at a time (`TraceFile.trace(i)`), touching only that sequence's bytes.
+one sequence at a time (`TraceFile.trace(i)`), or a range of its tokens
+(`TraceFile.trace(i, start, stop)`, what `ThdPlan.rank_routes` reads for one rank),
+touching only those bytes.
 
-Format, version 2 (version 1 is the same without prompt lengths and sequence ids). A
-safetensors file (8-byte little-endian header length, JSON header, tensor bytes)
-whose `__metadata__` carries everything needed to read it:
+Format, version 3 (version 2 is the same without block checksums, each sequence's
+checksum then over its bytes; version 1 is version 2 without prompt lengths and
+sequence ids). A safetensors file (8-byte little-endian header length, JSON header,
+tensor bytes) whose `__metadata__` carries everything needed to read it:
 
     format            "routereplay.trace"
-    format_version    "2"
+    format_version    "3"
     num_layers        decoder layers of the model, e.g. "61"
     moe_layers        JSON list of the routed (global, 0-based) decoder layers: the
                       layer axis of every stored sequence, e.g. "[3, 4, ..., 60]"
@@ -22,6 +25,8 @@ whose `__metadata__` carries everything needed to read it:
     num_tokens        T, summed over all sequences
     offsets_crc32     zlib.crc32 of the `offsets` tensor's bytes
     checksums_crc32   zlib.crc32 of the `checksums` tensor's bytes
+    block_tokens      tokens per checksummed block, a multiple of 8 ("32")
+    block_checksums_crc32   zlib.crc32 of the `block_checksums` tensor's bytes
     prompt_lens_crc32    zlib.crc32 of `prompt_lens`, when the file holds it
     sequence_ids_crc32   zlib.crc32 of `sequence_id_offsets` then `sequence_ids`, when
                          the file holds them
@@ -42,7 +47,11 @@ writers put the index first):
     offsets    I64 [S + 1]   token offsets: sequence i is tokens offsets[i]:offsets[i+1]
     sequence_id_offsets
                I64 [S + 1]   byte offsets of sequence i's id in `sequence_ids`
-    checksums  U32 [S]       zlib.crc32 of sequence i's experts, routed and tokens bytes
+    checksums  U32 [S]       zlib.crc32 of sequence i's block checksums' bytes
+    block_checksums
+               U32 [blocks]  per sequence, per block of block_tokens tokens (the last
+                             one partial): zlib.crc32 of the block's experts, routed and
+                             tokens bytes; blocks start on byte boundaries
     prompt_lens
                I32 [S]       sequence i's prompt length: tokens before its completion
     sequence_ids
