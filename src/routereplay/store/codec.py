@@ -195,11 +195,16 @@ def block_crcs(
     bytes are `ids`, `mask` and `token_bytes` (from a block boundary; the last block
     partial, up to the ends of the bytes). `[ceil(tokens / block)]`."""
     id_step, mask_step = codec.id_bytes(block), codec.mask_bytes(block)
+    # memoryview slices: a tenth of a numpy slice's cost, on up to 30K blocks a step.
+    id_view, mask_view = ids.data.cast("B"), mask.data.cast("B")
+    token_view = None if token_bytes is None else token_bytes.data.cast("B")
     crcs = np.empty(-(-tokens // block), dtype=np.uint32)
     for b in range(crcs.size):
-        crc = zlib.crc32(ids[b * id_step : (b + 1) * id_step].data)
-        crc = zlib.crc32(mask[b * mask_step : (b + 1) * mask_step].data, crc)
-        if token_bytes is not None:
-            crc = zlib.crc32(token_bytes[4 * b * block : 4 * (b + 1) * block].data, crc)
+        crc = zlib.crc32(
+            mask_view[b * mask_step : (b + 1) * mask_step],
+            zlib.crc32(id_view[b * id_step : (b + 1) * id_step]),
+        )
+        if token_view is not None:
+            crc = zlib.crc32(token_view[4 * b * block : 4 * (b + 1) * block], crc)
         crcs[b] = crc
     return crcs

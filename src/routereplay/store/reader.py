@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import struct
 import weakref
@@ -134,7 +135,8 @@ class TraceFile:
     def num_tokens(self, index: int) -> int:
         """Tokens of sequence `index`."""
         index = self._index(index)
-        return int(self._offsets[index + 1] - self._offsets[index])
+        tokens = self._starts[0]
+        return tokens[index + 1] - tokens[index]
 
     def trace(self, index: int, start: int = 0, stop: int | None = None) -> RoutingTrace:
         """Sequence `index`'s routes: `experts [tokens, layers, top_k]`, -1 rows kept, with
@@ -345,11 +347,18 @@ class TraceFile:
                 raise self._damaged(f"block_tokens={block} is not a positive multiple of 8")
             self._block_tokens = block
             self._block_starts = np.concatenate([[0], np.cumsum(-(-counts // block))])
+            self._block_firsts: list[int] = self._block_starts.tolist()
         id_bytes = (counts * len(self.layers) * self.top_k * self._codec.bits + 7) // 8
         mask_bytes = (counts * len(self.layers) + 7) // 8
         self._offsets = offsets
         self._id_starts = np.concatenate([[0], np.cumsum(id_bytes)])
         self._mask_starts = np.concatenate([[0], np.cumsum(mask_bytes)])
+        # Python ints for the per-read arithmetic (numpy scalars cost a microsecond each)
+        self._starts: tuple[list[int], list[int], list[int]] = (
+            offsets.tolist(),
+            self._id_starts.tolist(),
+            self._mask_starts.tolist(),
+        )
         if version == "1" and names & {"prompt_lens", "sequence_id_offsets", "sequence_ids"}:
             raise self._damaged(
                 "it says format version 1 but holds version 2's prompt_lens or sequence_ids"
@@ -394,7 +403,7 @@ class TraceFile:
                 raise self._damaged(
                     f"sequence {index}'s checksum is not that of its block checksums"
                 )
-        self._block_checksums = blocks
+        self._block_checksums = blocks.astype(np.uint32)  # native, as block_crcs gives them
 
     def _read_facts(self, fields: HeaderFields, sizes: Sizes) -> None:
         """Prompt lengths and sequence ids, checksummed and checked against the index."""
@@ -449,12 +458,12 @@ class TraceFile:
     def _index(self, index: int) -> int:
         if self._handle is None:
             raise TraceFileError(f"{self.path} is closed; open it again with TraceFile(path).")
-        if isinstance(index, bool) or not isinstance(index, Integral):
+        if type(index) is not int and (isinstance(index, bool) or not isinstance(index, Integral)):
             raise TraceFileError(
                 f"{self.path}: a sequence index is an integer, found {index!r}; look a "
                 "sequence id up with index_of."
             )
-        count = len(self)
+        count = len(self._starts[0]) - 1
         if not -count <= index < count:
             raise IndexError(f"{self.path} holds {count} sequences; there is no sequence {index}.")
         return index % count
@@ -470,7 +479,8 @@ class TraceFile:
         """The experts, routed and tokens bytes of sequence `index` from token `first`
         (returned last) on, holding tokens `start .. stop - 1`, checksums verified: the
         blocks that hold them (version 3), else the whole sequence."""
-        t0, t1 = int(self._offsets[index]), int(self._offsets[index + 1])
+        token_starts, id_starts, mask_starts = self._starts
+        t0, t1 = token_starts[index], token_starts[index + 1]
         first, last = 0, t1 - t0  # the tokens read: whole blocks, or the whole sequence
         if self._block_starts is not None:
             block = self._block_tokens
@@ -478,15 +488,15 @@ class TraceFile:
         if self.encoding == "compact":
             ids = self._slice("experts", t0 + first, t0 + last).reshape(-1).view(np.uint8)
         else:  # a sequence's packed bytes end padded: its last token's block takes them
-            id_start = int(self._id_starts[index])
+            id_start = id_starts[index]
             id_end = id_start + self._codec.id_bytes(last)
             if last == t1 - t0:
-                id_end = int(self._id_starts[index + 1])
+                id_end = id_starts[index + 1]
             ids = self._slice("experts", id_start + self._codec.id_bytes(first), id_end)
-        mask_start = int(self._mask_starts[index])
+        mask_start = mask_starts[index]
         mask_end = mask_start + self._codec.mask_bytes(last)
         if last == t1 - t0:
-            mask_end = int(self._mask_starts[index + 1])
+            mask_end = mask_starts[index + 1]
         mask = self._slice("routed", mask_start + self._codec.mask_bytes(first), mask_end)
         token_ids = None
         if self._has_tokens:
@@ -503,11 +513,10 @@ class TraceFile:
         found_blocks = block_crcs(
             self._codec, last - first, ids, mask, token_ids, self._block_tokens
         )
-        b0 = int(self._block_starts[index]) + first // self._block_tokens
+        b0 = self._block_firsts[index] + first // self._block_tokens
         stored = self._block_checksums[b0 : b0 + found_blocks.size]
-        differ = np.flatnonzero(found_blocks != stored)
-        if differ.size:
-            bad = int(differ[0])
+        if found_blocks.tobytes() != stored.tobytes():  # the rare case compares in detail
+            bad = int(np.flatnonzero(found_blocks != stored)[0])
             begin = first + bad * self._block_tokens
             end = min(begin + self._block_tokens, t1 - t0) - 1
             raise TraceFileError(
@@ -522,7 +531,9 @@ class TraceFile:
         tokens = self.num_tokens(index)
         stop = tokens if stop is None else stop
         for name, value in (("start", start), ("stop", stop)):
-            if isinstance(value, bool) or not isinstance(value, Integral):
+            if type(value) is not int and (
+                isinstance(value, bool) or not isinstance(value, Integral)
+            ):
                 raise TraceFileError(f"{self.path}: {name} is a token index, found {value!r}.")
         if not 0 <= start <= stop <= tokens:
             raise TraceFileError(
@@ -533,16 +544,14 @@ class TraceFile:
 
     def _decoded_tokens(self, index: int, first: int, stop: int) -> int:
         """Tokens in the bytes `_read_rows` returned for a range ending at `stop`."""
+        tokens = self._starts[0][index + 1] - self._starts[0][index]
         if self._block_starts is None:
-            return self.num_tokens(index)
-        return (
-            min(-(-stop // self._block_tokens) * self._block_tokens, self.num_tokens(index)) - first
-        )
+            return tokens
+        return min(-(-stop // self._block_tokens) * self._block_tokens, tokens) - first
 
     def _slice(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
         """Rows `start:stop` of one tensor, read lazily (only those bytes)."""
-        begin, dtype, shape = self._placement[name]
-        row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        begin, dtype, shape, row = self._placement[name]
         size = (stop - start) * row
         data = _read_into(self._file, size, begin + start * row)
         if len(data) != size:
@@ -576,20 +585,22 @@ def _read_at(file: Any, size: int, offset: int) -> bytes:
     return data
 
 
-def _tensor_placement(file: Any) -> dict[str, tuple[int, np.dtype[Any], tuple[int, ...]]]:
-    """Each tensor's absolute byte offset, dtype and shape, from the safetensors header
-    (already validated by safetensors and `_read_index`)."""
+def _tensor_placement(
+    file: Any,
+) -> dict[str, tuple[int, np.dtype[Any], tuple[int, ...], int]]:
+    """Each tensor's absolute byte offset, dtype, shape and bytes per row (along its
+    first axis), from the safetensors header (already validated by safetensors and
+    `_read_index`)."""
     (length,) = struct.unpack("<Q", _read_at(file, 8, 0))
     header = json.loads(_read_at(file, length, 8))
-    return {
-        name: (
-            8 + length + spec["data_offsets"][0],
-            np.dtype(NUMPY_DTYPES[spec["dtype"]]),
-            tuple(spec["shape"]),
-        )
-        for name, spec in header.items()
-        if name != "__metadata__"
-    }
+    placement = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape = np.dtype(NUMPY_DTYPES[spec["dtype"]]), tuple(spec["shape"])
+        row = dtype.itemsize * math.prod(shape[1:])
+        placement[name] = (8 + length + spec["data_offsets"][0], dtype, shape, row)
+    return placement
 
 
 def _open_safetensors(path: Path) -> Any:
