@@ -400,17 +400,7 @@ class RoutingTrace:
         """A trace of this one's expert count and source over `experts [..., layers,
         top_k]` and `tokens [...]`, unchecked: for transforms (align's plans) that only
         move rows of a valid trace or write -1 rows, which are valid by construction."""
-        trace = object.__new__(RoutingTrace)
-        for name, value in (
-            ("experts", experts),
-            ("layers", layers),
-            ("num_experts", self.num_experts),
-            ("source", self.source),
-            ("tokens", tokens),
-        ):
-            object.__setattr__(trace, name, value)
-        trace._checked()
-        return trace
+        return RoutingTrace._assembled(experts, layers, self.num_experts, self.source, tokens)
 
     @classmethod
     def from_verified_rows(
@@ -441,7 +431,8 @@ class RoutingTrace:
                 f"were given ({_short(layers)})."
             )
         check_range(experts, layers, num_experts)
-        return cls._assembled(experts, layers, num_experts, source, tokens)
+        token_ids = as_token_ids(tokens, tuple(experts.shape[:-2]))
+        return cls._assembled(experts, tuple(layers), num_experts, source, token_ids)
 
     @classmethod
     def _assembled(
@@ -452,14 +443,14 @@ class RoutingTrace:
         source: str,
         tokens: torch.Tensor | None = None,
     ) -> RoutingTrace:
-        """The trace of ids known valid: no check at all."""
+        """The trace of ids and token ids known valid, as given: no check at all."""
         trace = object.__new__(cls)
         for name, value in (
             ("experts", experts),
-            ("layers", tuple(layers)),
+            ("layers", layers),
             ("num_experts", num_experts),
             ("source", source),
-            ("tokens", as_token_ids(tokens, tuple(experts.shape[:-2]))),
+            ("tokens", tokens),
         ):
             object.__setattr__(trace, name, value)
         trace._checked()
