@@ -203,6 +203,15 @@ def test_an_attached_model_is_refused_rather_than_copied_with_its_patches() -> N
     RecordingEngine(model)  # fine once detached
 
 
+def test_a_model_with_only_a_pre_forward_hook_is_refused_and_named() -> None:
+    model = tiny_model("qwen3_moe")
+    handle = model.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(ReplayError, match=r"per-instance\) patches \(a pre-forward hook\)"):
+        RecordingEngine(model)
+    handle.remove()
+    RecordingEngine(model)
+
+
 def test_the_engine_keeps_what_the_family_keeps_in_float32() -> None:
     engine = RecordingEngine(tiny_model("deepseek_v3"), dtype=torch.bfloat16)
     router = router_of(engine.model.model.layers[1])

@@ -24,7 +24,7 @@ from torch import nn
 
 from routereplay.controller import ReplayController
 from routereplay.errors import ReplayError
-from routereplay.families.routers import attach
+from routereplay.families.routers import attach, instance_patches
 from routereplay.recording import Recording
 from routereplay.rollout import Rollout
 from routereplay.trace import NO_ROUTE, RoutingTrace
@@ -55,13 +55,13 @@ class RecordingEngine:
     """Samples from its own copy of `model` in `dtype` and records every route."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
-        attached = [name for name, m in model.named_modules() if "forward" in vars(m)]
-        if attached or model._forward_pre_hooks:
+        patches = instance_patches(model)
+        if patches:
             # A copy would keep the trainer controller's patched routers and hooks.
             raise ReplayError(
                 f"The model already has routereplay (or other per-instance) patches "
-                f"({', '.join(attached[:3]) or 'a pre-forward hook'}): build the engine from "
-                "the model before routereplay.attach(), or after controller.detach()."
+                f"({', '.join(patches[:3])}): build the engine from the model before "
+                "routereplay.attach(), or after controller.detach()."
             )
         self.model = _in_dtype(copy.deepcopy(model), dtype).eval()
         self.dtype = dtype

@@ -84,6 +84,16 @@ def attach(model: nn.Module, *, strict: bool = True, source: str = "hf") -> Repl
     return controller
 
 
+def instance_patches(model: nn.Module) -> list[str]:
+    """What a copy of `model` would carry over from its instance: the names of modules
+    whose `forward` is patched (routereplay's routers, an offloading hook) and "a
+    pre-forward hook" for hooks on the model itself (routereplay's token hook). Empty
+    for a plain model."""
+    patched = [name for name, module in model.named_modules() if "forward" in vars(module)]
+    # torch has no public way to list a module's hooks.
+    return patched + (["a pre-forward hook"] if model._forward_pre_hooks else [])
+
+
 def find_routers(model: nn.Module) -> dict[int, nn.Module]:
     """Router modules by global decoder layer id, in layer order: the modules named by
     the model's family (`Family.router_name`) under `layers[i].mlp`; any family's name
