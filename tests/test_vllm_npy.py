@@ -162,3 +162,28 @@ def test_out_elsewhere_receives_the_rows() -> None:
     trace = RoutingTrace.from_all_layers(rows, ALL_ROUTED, num_tokens=ROWS + 1, out=out)
     assert np.shares_memory(trace.experts.numpy(), out)
     assert np.array_equal(out[:-1], rows) and (out[-1] == -1).all()
+
+
+WIDE_ROUTED = MoELayout.from_dense_pattern([1, 1, 1], num_experts=300, top_k=4)
+
+
+@given(
+    dtype=st.sampled_from(["<u2", ">u2", "<i2", ">i2", "|u1", "|i1"]),
+    seed=st.integers(0, 2**16),
+)
+def test_ids_read_as_their_headers_byte_order_says(dtype: str, seed: int) -> None:
+    # A big-endian payload's bytes are not the trace's native int16: copied, not viewed.
+    layout = WIDE_ROUTED if np.dtype(dtype).itemsize == 2 else ALL_ROUTED
+    routed = routed_ids(layout, ROWS, seed)
+    trace = choice_trace(layout, routed.astype(dtype))
+    assert np.array_equal(trace.experts.numpy(), expected_experts(layout, routed, ROWS + 1, 0))
+
+
+def test_out_holding_big_endian_rows_in_place_is_refused() -> None:
+    rows = routed_ids(WIDE_ROUTED, ROWS).astype(">u2")
+    buffer = np.zeros((ROWS + 1, 3, 4), ">u2")
+    buffer[:-1] = rows
+    with pytest.raises(TraceError, match=r"out overlaps the engine rows"):
+        RoutingTrace.from_all_layers(
+            buffer[:-1], WIDE_ROUTED, num_tokens=ROWS + 1, out=buffer.view(np.int16)
+        )

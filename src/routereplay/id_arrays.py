@@ -211,9 +211,11 @@ def _out_tensor(
 
 
 def _in_place(routed: np.ndarray[Any, Any], target: np.ndarray[Any, Any]) -> bool:
-    """Whether `routed` is `target`'s memory, element for element."""
+    """Whether `routed` is `target`'s memory, element for element, in one byte order
+    (big-endian ids are other numbers when read as the trace's native dtype)."""
     return (
         routed.dtype.itemsize == target.dtype.itemsize
+        and routed.dtype.isnative
         and routed.shape == target.shape
         and routed.strides == target.strides
         and routed.__array_interface__["data"][0] == target.__array_interface__["data"][0]

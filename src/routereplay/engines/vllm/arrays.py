@@ -128,6 +128,7 @@ def _in_place_out(
         and with_final.shape[1] == len(layout.moe_layers)
         and with_final.dtype.kind in "iu"
         and with_final.dtype.itemsize == compact.itemsize
+        and with_final.dtype.isnative  # a '>u2' header's bytes are not native int16
         and with_final.flags.c_contiguous
         and with_final.flags.writeable
     )
