@@ -4,6 +4,7 @@ with room for the final token's row, wherever the ids already sit as a trace kee
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -67,6 +68,24 @@ def test_any_other_header_goes_to_numpys_reader(header: str) -> None:
     head = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text
     assert arrays._saved_header(head) is None
     assert arrays._parsed_header(head, "routed_experts", "here")[0] == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("descr", "shape"),
+    [
+        ("<i3", "(2, 3)"),  # no such dtype
+        ("<u16", "(2, 3)"),
+        ("|u1", "(6)"),  # an int, not a tuple
+        ("|u1", "(06,)"),  # not a Python literal
+    ],
+)
+def test_a_header_numpy_refuses_is_refused(descr: str, shape: str) -> None:
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+    text = header.encode() + b" " * (-(len(header) + 11) % 64) + b"\n"
+    raw = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + bytes(6)
+    payload = base64.b64encode(raw).decode()
+    with pytest.raises(TraceError, match=r"here: routed_experts decodes from base64 but is not"):
+        arrays.decode_npy(payload, "routed_experts", "here")
 
 
 def test_spare_rows_follow_the_payloads_rows_writable() -> None:

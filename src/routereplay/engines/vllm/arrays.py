@@ -182,9 +182,12 @@ _Header = tuple[tuple[int, ...], bool, np.dtype[Any], int]  # shape, fortran, dt
 
 # The header np.save writes (vLLM's server saves with it): parsed by one match, where
 # numpy's own reader evaluates it as Python source (about 90 us a payload).
+# Only what numpy reads the same way: integer dtypes numpy has, and shapes that are
+# Python tuples of int literals (`(6)` is an int and `(06,)` no literal: numpy refuses).
+_DIM = rb"(?:0|[1-9]\d*)"
 _SAVED_HEADER = re.compile(
-    rb"\{'descr': '([<>|=][a-z]\d{1,2})', 'fortran_order': (True|False), "
-    rb"'shape': \(((?:\d+, )*\d+,?|)\), \} *\n"
+    rb"\{'descr': '([<>|=][iu][1248])', 'fortran_order': (True|False), "
+    rb"'shape': \((|" + _DIM + rb",|" + _DIM + rb"(?:, " + _DIM + rb")+,?)\), \} *\n"
 )
 
 
@@ -195,8 +198,6 @@ def _saved_header(head: bytes) -> _Header | None:
         return None
     descr, fortran, dims = found.groups()
     dtype = np.dtype(descr.decode())
-    if dtype.kind not in "iu":  # other dtypes are refused by numpy's reader's words
-        return None
     shape = tuple(int(d) for d in dims.split(b",") if d.strip())
     return shape, fortran == b"True", dtype, len(head)
 
