@@ -88,6 +88,17 @@ def test_a_header_numpy_refuses_is_refused(descr: str, shape: str) -> None:
         arrays.decode_npy(payload, "routed_experts", "here")
 
 
+@pytest.mark.parametrize("spare_rows", [0, 1])
+def test_a_shape_whose_size_overflows_int64_is_refused(spare_rows: int) -> None:
+    # 2**61 * 8 bytes wraps to 0 in int64: it must not match an empty payload.
+    buffer = io.BytesIO()
+    described = {"descr": "|u1", "fortran_order": False, "shape": (2**61, 8, 1)}
+    np.lib.format.write_array_header_1_0(buffer, described)
+    payload = base64.b64encode(buffer.getvalue()).decode()
+    with pytest.raises(TraceError, match=r"here: routed_experts's \.npy header describes"):
+        arrays.decode_npy(payload, "routed_experts", "here", spare_rows=spare_rows)
+
+
 def test_spare_rows_follow_the_payloads_rows_writable() -> None:
     rows = all_layers(ALL_ROUTED, routed_ids(ALL_ROUTED, ROWS))
     decoded = arrays.decode_npy(npy_base64(rows), "routed_experts", "here", spare_rows=1)

@@ -13,6 +13,7 @@ completion's), both JSON nested integer lists.
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -153,7 +154,7 @@ def decode_npy(
     if dtype.hasobject or not np.issubdtype(dtype, np.integer):
         raise TraceError(f"{where}: {field} is a .npy array of {dtype}, not of integer expert ids.")
     data = len(raw) - header
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no int64 wrap to 0
     if data != expected:
         raise TraceError(
             f"{where}: {field}'s .npy header describes {list(shape)} {dtype} ids "
@@ -166,7 +167,7 @@ def decode_npy(
         )
     if spare_rows and not fortran:
         raw = raw if isinstance(raw, bytearray) else bytearray(raw)
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
         raw.extend(bytes(spare_rows * row_bytes))  # in place: no view of raw exists yet
         shape = (shape[0] + spare_rows, *shape[1:])
         expected += spare_rows * row_bytes
