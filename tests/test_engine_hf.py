@@ -58,6 +58,9 @@ def test_routes_have_a_row_per_token_and_none_for_the_last_sampled_token(family:
         assert routes.layers == engine.controller.layout.moe_layers
         assert routes.routed_mask()[:-1].all()
         assert (routes.experts[-1] == NO_ROUTE).all()
+        # Recorded with their token ids, the final one (never forwarded) too.
+        assert routes.tokens is not None
+        assert torch.equal(routes.tokens.long(), rollout.token_ids)
 
 
 def test_fp32_routes_equal_a_teacher_forced_forward_exactly() -> None:

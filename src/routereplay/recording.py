@@ -3,8 +3,9 @@ tokens now running (their axes and padding), from which recorded traces take sha
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -109,3 +110,39 @@ class Recording:
         return RoutingTrace(
             experts, tuple(layers), self._num_experts, self._source, tokens.known_ids()
         )
+
+
+def generated_sequence(
+    steps: Mapping[Any, RoutingTrace], row: int, padding: int, completion_len: int
+) -> RoutingTrace:
+    """One sequence's routes from the per-forward recordings of a batched generation,
+    in vLLM's convention: `[prompt + completion tokens, layers, top_k]`.
+
+    steps: micro-batch -> trace; 0 the prefill `[batch, prompt width, layers, top_k]`
+    (prompts left-padded), t >= 1 decode step t `[batch, 1, layers, top_k]`. The
+    sequence is batch row `row`, its prompt after `padding` columns. Its prompt's rows
+    come from the prefill, completion token t as forwarded at decode step t + 1, and the
+    final token, which sampling never forwards, is -1. Token ids come along where the
+    recordings know them (-1 where not).
+    """
+    prefill = steps[0]
+    pieces = [_columns(prefill, row, slice(padding, None))]
+    pieces += [_columns(steps[t + 1], row, slice(-1, None)) for t in range(completion_len - 1)]
+    if completion_len:  # the final sampled token was never forwarded: no route
+        pieces.append(
+            (
+                torch.full((1, *prefill.experts.shape[-2:]), NO_ROUTE, dtype=prefill.experts.dtype),
+                torch.full((1,), -1, dtype=torch.int32),
+            )
+        )
+    experts = torch.cat([experts for experts, _ in pieces])
+    tokens = torch.cat([tokens for _, tokens in pieces])
+    return prefill.derive(experts, prefill.layers, tokens)
+
+
+def _columns(trace: RoutingTrace, row: int, columns: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts `[tokens, layers, top_k]` and token ids `[tokens]` of one row's columns."""
+    experts = trace.experts[row, columns]
+    if trace.tokens is None:
+        return experts, torch.full(experts.shape[:1], -1, dtype=torch.int32)
+    return experts, trace.tokens[row, columns].to(torch.int32)

@@ -67,13 +67,14 @@ class Rollout:
                 )
             # The routes know their tokens, so replay can check them against the batch.
             ids = self.token_ids
-            if self.routes.tokens is None:
-                object.__setattr__(self, "routes", self.routes.with_tokens(ids))
-            elif bool(((self.routes.tokens >= 0) & (self.routes.tokens.long() != ids)).any()):
+            known = self.routes.tokens
+            if known is not None and bool(((known >= 0) & (known.long() != ids)).any()):
                 raise TraceError(
                     f"{where}: the routes were recorded for other token ids than the "
                     "rollout's prompt and completion."
                 )
+            if known is None or bool((known < 0).any()):  # the final token's, say
+                object.__setattr__(self, "routes", self.routes.with_tokens(ids))
         if self.logprobs is not None:
             if not isinstance(self.logprobs, torch.Tensor):
                 raise TraceError(

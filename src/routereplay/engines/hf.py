@@ -25,9 +25,8 @@ from torch import nn
 from routereplay.controller import ReplayController
 from routereplay.errors import ReplayError
 from routereplay.families.routers import attach, instance_patches
-from routereplay.recording import Recording
+from routereplay.recording import Recording, generated_sequence
 from routereplay.rollout import Rollout
-from routereplay.trace import NO_ROUTE, RoutingTrace
 
 
 @dataclass(frozen=True)
@@ -198,22 +197,10 @@ def _rollouts(
                 prompt_ids=prompt,
                 completion_ids=completion,
                 logprobs=token_logprobs[row, :n],
-                routes=_sequence_routes(traces, row, batch.width - len(prompt), n)
+                routes=generated_sequence(traces, row, batch.width - len(prompt), n)
                 if traces
                 else None,
                 finish_reason="stop" if stopped else "length",
             )
         )
     return rollouts
-
-
-def _sequence_routes(
-    traces: dict[Any, RoutingTrace], row: int, padding: int, completion_len: int
-) -> RoutingTrace:
-    """Rows of one sequence: its prompt in the prefill (key 0), then completion token t as
-    forwarded at decode step t + 1; the last completion token never was, so it is -1."""
-    prefill = traces[0]  # [batch, prompt width, layers, k]
-    rows = [prefill.experts[row, padding:]]
-    rows += [traces[t + 1].experts[row, -1:] for t in range(completion_len - 1)]
-    rows.append(torch.full((1, *prefill.experts.shape[-2:]), NO_ROUTE, dtype=prefill.experts.dtype))
-    return RoutingTrace(torch.cat(rows), prefill.layers, prefill.num_experts, prefill.source)

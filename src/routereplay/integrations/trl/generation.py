@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from routereplay.errors import TraceError
+from routereplay.recording import generated_sequence
 from routereplay.rollout import Rollout
-from routereplay.trace import NO_ROUTE, RoutingTrace
+from routereplay.trace import RoutingTrace
 
 SOURCE = "trl-generate"
 
@@ -52,33 +53,12 @@ def generated_rollouts(
                 f"tokens, but the generation recorded a {width}-token prefill and "
                 f"{len(steps) - 1} decode steps."
             )
-        pieces = [_rows(prefill, row, slice(width - prompt_len, width))]
-        pieces += [_rows(steps[t + 1], row, slice(-1, None)) for t in range(forwarded)]
-        if completion_len:  # the final sampled token was never forwarded: no route
-            pieces.append(_unrouted(prefill))
-        experts = torch.cat([experts for experts, _ in pieces])
-        tokens = torch.cat([tokens for _, tokens in pieces])
         rollouts.append(
             Rollout(
                 prompt_ids=torch.tensor(prompt_ids[row], dtype=torch.long),
                 completion_ids=torch.tensor(completion_ids[row], dtype=torch.long),
-                routes=prefill.derive(experts, prefill.layers, tokens),
+                routes=generated_sequence(steps, row, width - prompt_len, completion_len),
                 sequence_id=f"{SOURCE}/{row}",
             )
         )
     return rollouts
-
-
-def _rows(trace: RoutingTrace, row: int, columns: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """Experts `[tokens, layers, top_k]` and token ids `[tokens]` of one sequence's columns."""
-    experts = trace.experts[row, columns]
-    if trace.tokens is None:
-        tokens = torch.full(experts.shape[:1], -1, dtype=torch.int32)
-    else:
-        tokens = trace.tokens[row, columns]
-    return experts, tokens
-
-
-def _unrouted(like: RoutingTrace) -> tuple[torch.Tensor, torch.Tensor]:
-    experts = torch.full((1, *like.experts.shape[-2:]), NO_ROUTE, dtype=like.experts.dtype)
-    return experts, torch.full((1,), -1, dtype=torch.int32)
