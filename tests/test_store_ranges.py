@@ -161,3 +161,23 @@ def test_written_files_start_with_the_ids_after_the_headers_room(tmp_path: Path)
     assert os.path.getsize(path) == 8 + length + max(
         v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"
     )
+
+
+def test_an_invalid_row_in_a_range_is_named_by_its_place_in_the_sequence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trace = random_trace(3 * BLOCK_TOKENS, 0)
+    row = 2 * BLOCK_TOKENS + 6
+    trace.experts[row, 1] = trace.experts[row, 1, 0]  # written by a writer that trusts it
+    monkeypatch.setattr(RoutingTrace, "recheck", lambda self: None)
+    path = write(tmp_path / "t.rr", [trace])
+    start = 2 * BLOCK_TOKENS + 1
+    with TraceFile(path, verify_rows=True) as file:
+        with pytest.raises(
+            TraceFileError,
+            match=rf"sequence 0's tokens {start}\.\.{row + 2} \(rows counted from token {start}\)"
+            rf" passed their checksum .*: Row \(token {row - start}\), layer 2,",
+        ):
+            file.trace(0, start, row + 3)
+        with pytest.raises(TraceFileError, match=rf"sequence 0 passed .*Row \(token {row}\)"):
+            file.trace(0)

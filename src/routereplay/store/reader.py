@@ -167,9 +167,15 @@ class TraceFile:
                 trace.validate()
             return trace
         except TraceError as error:
+            # The trace's rows count from `start`: say so, or "token 5" names another token.
+            what = f"sequence {index} passed its checksum but is"
+            if start:
+                what = (
+                    f"sequence {index}'s tokens {start}..{stop - 1} (rows counted from token "
+                    f"{start}) passed their checksum but are"
+                )
             raise TraceFileError(
-                f"{self.path}: sequence {index} passed its checksum but is not a valid trace "
-                f"(was it written by another tool?): {error}"
+                f"{self.path}: {what} not a valid trace (was it written by another tool?): {error}"
             ) from None
 
     @property
