@@ -173,7 +173,13 @@ def test_repeated_experts_in_place_are_refused() -> None:
 
 def test_out_of_another_shape_or_dtype_is_refused() -> None:
     rows = routed_ids(ALL_ROUTED, ROWS).astype(np.uint8)
-    for out in (np.empty((ROWS, 3, 4), np.int8), np.empty((ROWS + 1, 3, 4), np.int16)):
+    wrong = (
+        np.empty((ROWS, 3, 4), np.int8),
+        np.empty((ROWS + 1, 3, 4), np.int16),
+        np.empty((ROWS + 1, 3, 4), ">i2"),  # torch takes no foreign byte order
+        np.empty((ROWS + 1, 3, 4), np.uint8),
+    )
+    for out in wrong:
         with pytest.raises(TraceError, match=r"out must be a writable C-contiguous numpy array"):
             RoutingTrace.from_all_layers(rows, ALL_ROUTED, num_tokens=ROWS + 1, out=out)
 

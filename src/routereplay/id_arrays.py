@@ -195,11 +195,12 @@ def placed_rows(
 def _out_tensor(
     out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: torch.dtype
 ) -> torch.Tensor:
-    placed = torch.from_numpy(out) if isinstance(out, np.ndarray) else None
+    # Compared as numpy dtypes before torch sees it: torch refuses a foreign byte order.
+    native = torch.empty(0, dtype=dtype).numpy().dtype
     if (
-        placed is None
-        or placed.dtype != dtype
-        or tuple(placed.shape) != shape
+        not isinstance(out, np.ndarray)
+        or out.dtype != native
+        or out.shape != shape
         or not (out.flags.writeable and out.flags.c_contiguous)
     ):
         found = f"{out.dtype} {list(out.shape)}" if isinstance(out, np.ndarray) else type(out)
@@ -207,7 +208,7 @@ def _out_tensor(
             f"out must be a writable C-contiguous numpy array of {dtype} {list(shape)}, "
             f"found {found}."
         )
-    return placed
+    return torch.from_numpy(out)
 
 
 def _in_place(routed: np.ndarray[Any, Any], target: np.ndarray[Any, Any]) -> bool:
