@@ -223,3 +223,15 @@ def test_out_holding_big_endian_rows_in_place_is_refused() -> None:
         RoutingTrace.from_all_layers(
             buffer[:-1], WIDE_ROUTED, num_tokens=ROWS + 1, out=buffer.view(np.int16)
         )
+
+
+@pytest.mark.parametrize("version", [(4, 0), (0, 9)])
+def test_a_npy_version_numpy_never_writes_is_refused(version: tuple[int, int]) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 3, 4), np.uint8))
+    raw = bytearray(buffer.getvalue())
+    raw[6:8] = bytes(version)
+    with pytest.raises(
+        TraceError, match=rf"not a \.npy array \(it says \.npy version {version[0]}"
+    ):
+        arrays.decode_npy(base64.b64encode(bytes(raw)).decode(), "routed_experts", "here")

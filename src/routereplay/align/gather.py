@@ -48,7 +48,7 @@ class SequenceTraces:
         padding -1, copied from the traces once."""
         kept = layer_runs(self.first, self.first.layers if layers is None else layers)
         host = self.first.experts.device.type == "cpu"
-        short = int(self.starts[-1]) < (SHORTEST_SEQUENCE - 1) * len(self.traces)
+        short = int(self.lengths.sum()) < SHORTEST_SEQUENCE * len(self.traces)
         if host and short and plan.num_tokens:
             experts = self._join_and_take(plan, kept)
         else:

@@ -22,16 +22,11 @@ Decoder = Callable[[str | bytes], bytearray]
 _standard_only = False  # set within standard_library_only()
 
 
-def decode_base64(
-    payload: Any, field: str, where: str, wire: str, *, room: int = 0
-) -> bytes | bytearray:
-    """The bytes of an engine's base64 string field; `wire` says who sends what there
-    (e.g. "SGLang sends base64 of flattened int32 ids"), for the errors.
-
-    `room > 0`: a bytearray of the decoded bytes and `room` zero bytes after them,
-    writable space the caller owns: where the final token's row
-    of a vLLM array goes, so that its trace keeps the decoded buffer instead of a copy.
-    """
+def decode_base64(payload: Any, field: str, where: str, wire: str) -> bytes | bytearray:
+    """The bytes of an engine's base64 string field (a bytearray from pybase64, which the
+    caller owns and may resize: `vllm.decode_npy` adds the final token's row to it);
+    `wire` says who sends what there (e.g. "SGLang sends base64 of flattened int32
+    ids"), for the errors."""
     if not isinstance(payload, str | bytes):
         raise TraceError(
             f"{where}: {field} is a {type(payload).__name__}; {wire} as a string. Pass the "

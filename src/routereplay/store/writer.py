@@ -122,6 +122,18 @@ def _remove_if_stale(spill_path: Path, path: Path) -> None:
         pass  # removed by its writer meanwhile
 
 
+def _sync_directory(directory: Path) -> None:
+    """fsync `directory`, so that a rename in it survives a power loss (POSIX only:
+    elsewhere a directory cannot be opened for it)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 class TraceWriter:
     """Write sequences' routes to a trace file as they arrive.
 
@@ -267,6 +279,8 @@ class TraceWriter:
             self.discard()
             raise
         self._release()
+        if self.durable:
+            _sync_directory(self.path.parent)  # the rename itself, on POSIX
 
     def discard(self) -> None:
         """Drop everything appended: remove the partial file, write no trace file."""

@@ -203,12 +203,19 @@ def _saved_header(head: bytes) -> _Header | None:
     return shape, fortran == b"True", dtype, len(head)
 
 
+_NPY_VERSIONS = ((1, 0), (2, 0), (3, 0))  # 3.0 is 2.0 with a UTF-8 header
+
+
 def _parsed_header(head: bytes, field: str, where: str) -> _Header:
     """The header of `head` as numpy's reader parses it."""
     buffer = io.BytesIO(head)
     try:
         # The header first: numpy would allocate whatever shape it claims before reading.
         version = np.lib.format.read_magic(buffer)
+        if version not in _NPY_VERSIONS:
+            raise ValueError(
+                f"it says .npy version {version[0]}.{version[1]}, numpy writes 1.0-3.0"
+            )
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
         else:
