@@ -487,6 +487,9 @@ def test_token_ids_are_given_for_every_sequence_or_none(
         writer.append(trace, torch.tensor([5, 6, 7]))
         with pytest.raises(TraceError, match="Sequence 1 .* gives no token ids, but the sequences"):
             writer.append(trace)
+        partly = trace.with_tokens(torch.tensor([5, 6, -1]))  # the final token's unknown
+        with pytest.raises(TraceError, match=r"knows only some of its ids gives none: pass them"):
+            writer.append(partly)
 
 
 # -- reading ------------------------------------------------------------------------------------

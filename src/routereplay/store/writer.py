@@ -369,7 +369,14 @@ class TraceWriter:
             raise TraceError(
                 f"{where} {'gives' if given else 'gives no'} token ids, but the sequences "
                 f"before it {had} token ids: a trace file holds token ids for every "
-                "sequence or for none."
+                "sequence or for none"
+                + (
+                    ""
+                    if given
+                    else " (a trace that knows only some of its ids gives none: "
+                    "pass them with append(trace, tokens))"
+                )
+                + "."
             )
         if tokens is None:
             return None
