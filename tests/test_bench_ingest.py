@@ -4,6 +4,9 @@ next to a floor and a verl-style batch, the three paths' results checked equal."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -118,6 +121,21 @@ def test_bench_refuses_an_option_of_the_other_case(capsys: pytest.CaptureFixture
     assert "--tokens is an option of `routereplay bench router`" in capsys.readouterr().err
     assert main(["bench", "--sequences", "16"]) == EXIT_BAD_INPUT
     assert "--sequences is an option of `routereplay bench ingest`" in capsys.readouterr().err
+    assert main(["bench", "--device", "cuda"]) == EXIT_BAD_INPUT
+    assert "--device is an option of `routereplay bench ingest`" in capsys.readouterr().err
+
+
+def test_the_repositorys_script_is_the_cli_case() -> None:
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_ingest.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--sequences", "5"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == EXIT_BAD_INPUT
+    assert "routereplay bench ingest: 5 sequences cannot fill" in done.stderr
 
 
 def test_bench_router_named_is_the_default_case(capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,9 +14,15 @@ if TYPE_CHECKING:
     from routereplay.cli.common import Commands
 
 # Each case's own options and their defaults; an option of the other case is refused.
-OPTIONS = {
+OPTIONS: dict[str, dict[str, object]] = {
     "router": {"tokens": 2048, "experts": 64, "top_k": 8},
-    "ingest": {"sequences": 1000, "min_len": 256, "max_len": 1792, "stdlib_base64": False},
+    "ingest": {
+        "sequences": 1000,
+        "min_len": 256,
+        "max_len": 1792,
+        "stdlib_base64": False,
+        "device": "cpu",
+    },
 }
 ROUNDS = {"router": 7, "ingest": 3}
 
@@ -75,6 +81,9 @@ def add(commands: Commands) -> None:
         default=None,
         help="decode with Python's base64 even where pybase64 (routereplay[fast]) is installed",
     )
+    ingest.add_argument(
+        "--device", default=None, help="also build the rank's share on this device (cuda)"
+    )
     command.set_defaults(run=run)
 
 
@@ -125,6 +134,7 @@ def _ingest(args: argparse.Namespace) -> int:
             args.min_len,
             args.max_len,
             args.rounds,
+            device=args.device,
             stdlib_base64=args.stdlib_base64,
         )
     except ValueError as error:  # a workload that cannot be built
