@@ -63,7 +63,7 @@ class SequenceTraces:
                 self._copy_runs(experts.numpy(), runs, kept)
             else:
                 for begin, sequence, row, count in runs.as_list():
-                    _copy_run(experts, self.traces[sequence].experts, begin, row, count, kept)
+                    copy_run(experts, self.traces[sequence].experts, begin, row, count, kept)
         tokens = None if self._tokens is None else plan.apply(self._tokens, PAD)
         return self.first.derive(
             experts.reshape(*plan.token_shape, *experts.shape[1:]),
@@ -79,7 +79,7 @@ class SequenceTraces:
             source = arrays.get(sequence)
             if source is None:
                 source = arrays[sequence] = self.traces[sequence].experts.numpy()
-            _copy_run(out, source, begin, row, count, kept)
+            copy_run(out, source, begin, row, count, kept)
 
     def _join_and_take(self, plan: TokenPlan, kept: LayerRuns) -> torch.Tensor:
         """Short sequences: join the piece's sequences (only those, in one call) into a
@@ -142,7 +142,7 @@ def token_runs(plan: TokenPlan, starts: torch.Tensor, is_start: torch.Tensor) ->
     return Runs(positions[first], sequences, begin_rows - starts[sequences], counts)
 
 
-def _copy_run(out: Any, source: Any, begin: int, row: int, count: int, kept: LayerRuns) -> None:
+def copy_run(out: Any, source: Any, begin: int, row: int, count: int, kept: LayerRuns) -> None:
     """Rows `row .. row + count` of `source [tokens, layers, top_k]` (`kept`'s layers) to
     `out[begin ..]`: numpy arrays on the host, tensors on a device."""
     column = 0

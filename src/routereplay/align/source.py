@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from routereplay.align.gather import token_runs
+from routereplay.align.gather import copy_run, token_runs
 from routereplay.align.plan import PAD, TokenPlan, layer_runs, starts
 from routereplay.align.traces import check_lengths
 from routereplay.trace import RoutingTrace
@@ -57,9 +57,12 @@ class SourceRanges:
         """`plan`'s rows `[*plan.token_shape, layers, top_k]` (only `layers`, when given),
         padding -1: each run read as one token range, then copied once."""
         runs = token_runs(plan, self.starts, self._is_start).as_list()
-        first = self.source.trace(*runs[0][1:3], runs[0][2] + runs[0][3]) if runs else None
-        if first is None:
-            first = self.source.trace(0, 0, 0)
+
+        def read(sequence: int, row: int, count: int) -> RoutingTrace:
+            return self.source.trace(sequence, row, row + count)
+
+        # The first run tells the pieces' dtype and layers (an empty piece reads none).
+        first = read(*runs[0][1:]) if runs else read(0, 0, 0)
         kept = layer_runs(first, first.layers if layers is None else layers)
         experts = torch.full(
             (plan.num_tokens, len(kept.layers), first.top_k), PAD, dtype=first.experts.dtype
@@ -70,12 +73,8 @@ class SourceRanges:
         out = experts.numpy()
         for number, (begin, sequence, row, count) in enumerate(runs):
             # One run read at a time: memory holds the piece and one run.
-            part = first if number == 0 else self.source.trace(sequence, row, row + count)
-            source = part.experts.numpy()
-            column = 0
-            for lo, hi in kept.runs:
-                out[begin : begin + count, column : column + hi - lo] = source[:, lo:hi]
-                column += hi - lo
+            part = first if number == 0 else read(sequence, row, count)
+            copy_run(out, part.experts.numpy(), begin, 0, count, kept)
             if tokens is not None and part.tokens is not None:
                 tokens[begin : begin + count] = part.tokens
         return first.derive(
