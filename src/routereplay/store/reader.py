@@ -3,13 +3,11 @@ and verifies one sequence at a time."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
 import struct
 import weakref
-import zlib
 from collections.abc import Iterator
 from numbers import Integral
 from pathlib import Path
@@ -20,26 +18,18 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from routereplay.errors import LayoutError, TraceError, TraceFileError
+from routereplay.errors import TraceError, TraceFileError
 from routereplay.errors import short_ids as _short
 from routereplay.layout import MoELayout
 from routereplay.rollout import Rollout
-from routereplay.store.codec import ENCODINGS, Bytes, Codec, block_crcs, sequence_crc
+from routereplay.store.codec import Bytes, block_crcs, sequence_crc
 from routereplay.store.container import (
     FINGERPRINT_WORDS,
-    FORMAT,
-    FORMAT_VERSION,
-    METADATA_CRC,
     NUMPY_DTYPES,
-    READABLE_VERSIONS,
-    HeaderFields,
-    Sizes,
-    TensorSpec,
     describe,
-    metadata_crc,
-    tensor_specs,
     why_unreadable,
 )
+from routereplay.store.index import FileIndex
 from routereplay.trace import RoutingTrace
 
 
@@ -79,7 +69,8 @@ class TraceFile:
             self._file.close()
         weakref.finalize(self, self._file.close)
         try:
-            self._read_index(self._handle.metadata() or {})
+            self._ix = FileIndex(self._handle, self.path)
+            self.source, self.encoding = self._ix.source, self._ix.encoding
             # Sequences are read with pread from that descriptor, not through the memory
             # map: a file truncated under an open reader then gives a short read, which
             # is an error, where a mapped page past the end would kill the process (SIGBUS).
@@ -91,7 +82,7 @@ class TraceFile:
     # -- what the file holds ----------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._offsets) - 1
+        return len(self._ix.offsets) - 1
 
     def __iter__(self) -> Iterator[RoutingTrace]:
         for index in range(len(self)):
@@ -100,42 +91,42 @@ class TraceFile:
     @property
     def layout_fingerprint(self) -> dict[str, Any]:
         """The model the routes were recorded on, as `MoELayout.fingerprint`."""
-        return self._layout.fingerprint
+        return self._ix.layout.fingerprint
 
     @property
     def layers(self) -> tuple[int, ...]:
         """The global routed layers on every stored trace's layer axis."""
-        return self._layout.moe_layers
+        return self._ix.layout.moe_layers
 
     @property
     def num_experts(self) -> int:
         """Experts per routed layer of the model the routes were recorded on."""
-        return self._layout.num_experts
+        return self._ix.layout.num_experts
 
     @property
     def top_k(self) -> int:
         """Experts per (token, layer)."""
-        return self._layout.top_k
+        return self._ix.layout.top_k
 
     @property
     def bits_per_id(self) -> int:
         """Bits each stored id takes: 8, 16 or 32 (compact), ceil(log2 experts) (packed)."""
-        return self._codec.bits
+        return self._ix.codec.bits
 
     @property
     def has_tokens(self) -> bool:
         """Whether the file holds every sequence's token ids."""
-        return self._has_tokens
+        return self._ix.has_tokens
 
     @property
     def total_tokens(self) -> int:
         """Tokens over all sequences."""
-        return int(self._offsets[-1])
+        return int(self._ix.offsets[-1])
 
     def num_tokens(self, index: int) -> int:
         """Tokens of sequence `index`."""
         index = self._index(index)
-        tokens = self._starts[0]
+        tokens = self._ix.starts[0]
         return tokens[index + 1] - tokens[index]
 
     def trace(self, index: int, start: int = 0, stop: int | None = None) -> RoutingTrace:
@@ -150,13 +141,13 @@ class TraceFile:
         start, stop = self._token_range(index, start, stop)
         ids, mask, token_ids, first = self._read_rows(index, start, stop)
         count = self._decoded_tokens(index, first, stop)
-        experts = self._codec.decode(ids, mask, count)[start - first : stop - first]
+        experts = self._ix.codec.decode(ids, mask, count)[start - first : stop - first]
         # The token ids were read for the checksum anyway: the trace knows its tokens.
         if token_ids is not None:
             token_ids = token_ids.view("<i4")[start - first : stop - first]
         tokens = None if token_ids is None else torch.from_numpy(token_ids.copy())
         try:
-            if experts.dtype != self._codec.storage_dtype:  # an id beyond num_experts
+            if experts.dtype != self._ix.codec.storage_dtype:  # an id beyond num_experts
                 return RoutingTrace(
                     torch.from_numpy(experts), self.layers, self.num_experts, self.source, tokens
                 )
@@ -181,40 +172,40 @@ class TraceFile:
     @property
     def has_prompt_lens(self) -> bool:
         """Whether the file holds every sequence's prompt length (format 2)."""
-        return self._prompt_lens is not None
+        return self._ix.prompt_lens is not None
 
     @property
     def has_sequence_ids(self) -> bool:
         """Whether the file holds every sequence's unique id (format 2)."""
-        return self._sequence_ids is not None
+        return self._ix.sequence_ids is not None
 
     def prompt_len(self, index: int) -> int:
         """Sequence `index`'s prompt length: its tokens before the completion."""
         index = self._index(index)
-        if self._prompt_lens is None:
+        if self._ix.prompt_lens is None:
             raise TraceFileError(
                 f"{self.path} holds no prompt lengths: none were given to TraceWriter.append."
             )
-        return int(self._prompt_lens[index])
+        return int(self._ix.prompt_lens[index])
 
     def sequence_id(self, index: int) -> str:
         """Sequence `index`'s id: the engine's request id and choice, or a user's uid."""
         index = self._index(index)
-        if self._sequence_ids is None:
+        if self._ix.sequence_ids is None:
             raise TraceFileError(
                 f"{self.path} holds no sequence ids: none were given to TraceWriter.append."
             )
-        return self._sequence_ids[index]
+        return self._ix.sequence_ids[index]
 
     def index_of(self, sequence_id: str) -> int:
         """The index of the sequence named `sequence_id`."""
         if self._handle is None:
             raise TraceFileError(f"{self.path} is closed; open it again with TraceFile(path).")
-        if self._sequence_ids is None:
+        if self._ix.sequence_ids is None:
             raise TraceFileError(f"{self.path} holds no sequence ids to look {sequence_id!r} up.")
-        if not isinstance(sequence_id, str) or sequence_id not in self._index_of:
+        if not isinstance(sequence_id, str) or sequence_id not in self._ix.index_of:
             raise TraceFileError(f"{self.path} holds no sequence with id {sequence_id!r}.")
-        return self._index_of[sequence_id]
+        return self._ix.index_of[sequence_id]
 
     def rollout(self, index: int) -> Rollout:
         """Sequence `index` as a `Rollout`: its token ids split at its prompt length, its
@@ -241,7 +232,7 @@ class TraceFile:
         """Raise unless the routes were recorded on a model of `layout` (decoder layers,
         routed layers, experts, top_k; MTP layers are not stored), naming each field that
         differs."""
-        ours = self._layout
+        ours = self._ix.layout
         # MTP layers are never stored: a model that differs only in them replays the file
         # exactly as `replay()` accepts its traces.
         stored = [name for name in FINGERPRINT_WORDS if name != "mtp_layers"]
@@ -283,184 +274,6 @@ class TraceFile:
 
     # -- internals --------------------------------------------------------------------
 
-    def _damaged(self, what: str) -> TraceFileError:
-        return TraceFileError(f"{self.path} is a damaged trace file: {what}.")
-
-    def _read_index(self, metadata: dict[str, str]) -> None:
-        """Parse the header, then check every tensor's dtype and shape and the index."""
-        found = metadata.get("format")
-        if found != FORMAT:
-            raise TraceFileError(
-                f"{self.path} is a safetensors file but not a routereplay trace file: its "
-                f"metadata has format={found!r}, not {FORMAT!r} (tensors: "
-                f"{', '.join(sorted(self._handle.keys())[:6]) or 'none'})."
-            )
-        version = metadata.get("format_version")
-        if version not in [str(v) for v in READABLE_VERSIONS]:
-            raise TraceFileError(
-                f"{self.path} is trace format version {version}; this routereplay reads "
-                f"versions {', '.join(map(str, READABLE_VERSIONS))} (it writes "
-                f"{FORMAT_VERSION}). Read it with the routereplay that wrote it."
-            )
-        fields = HeaderFields(metadata, self._damaged)
-        if version != "1":  # version 1 files carry no metadata checksum
-            found_crc, expected_crc = metadata_crc(metadata), fields.integer(METADATA_CRC)
-            if found_crc != expected_crc:
-                raise self._damaged(
-                    f"its metadata has checksum {found_crc:08x}, its {METADATA_CRC} says "
-                    f"{expected_crc:08x}: a header field (layers, experts, top_k, counts) "
-                    "changed after the file was written, and its routes cannot be placed"
-                )
-        try:
-            self._layout = MoELayout(
-                num_layers=fields.integer("num_layers"),
-                moe_layers=fields.integers("moe_layers"),
-                num_experts=fields.integer("num_experts"),
-                top_k=fields.integer("top_k"),
-                mtp_layers=fields.integers("mtp_layers"),
-                family="trace file",
-            )
-        except LayoutError as error:
-            raise self._damaged(f"its layout is impossible: {error}") from None
-        self.source = fields.text("source")
-        encoding = fields.text("encoding")
-        if encoding not in ENCODINGS:
-            raise self._damaged(f"encoding {encoding!r} is none of {', '.join(ENCODINGS)}")
-        self.encoding = encoding
-        self._codec = Codec(encoding, self.num_experts, len(self.layers), self.top_k)
-        if fields.integer("bits_per_id") != self._codec.bits:
-            raise self._damaged(
-                f"bits_per_id is {fields.integer('bits_per_id')}, but {encoding} ids of "
-                f"{self.num_experts} experts take {self._codec.bits}"
-            )
-
-        sequences, tokens = fields.integer("num_sequences"), fields.integer("num_tokens")
-        names = set(self._handle.keys())
-        self._has_tokens = "tokens" in names
-        self._check_tensor(TensorSpec("offsets", "I64", (sequences + 1,), 0))
-        offsets = self._handle.get_tensor("offsets")
-        self._check_crc("offsets", offsets, fields.integer("offsets_crc32"))
-        counts = np.diff(offsets)
-        if offsets[0] != 0 or (counts < 0).any() or offsets[-1] != tokens:
-            raise self._damaged(
-                f"the token offsets must rise from 0 to num_tokens={tokens}, found "
-                f"{offsets[:3].tolist()} ... {offsets[-1]}"
-            )
-        self._block_starts: np.ndarray[Any, Any] | None = None
-        if version not in ("1", "2"):
-            block = fields.integer("block_tokens")
-            if block < 8 or block % 8:
-                raise self._damaged(f"block_tokens={block} is not a positive multiple of 8")
-            self._block_tokens = block
-            self._block_starts = np.concatenate([[0], np.cumsum(-(-counts // block))])
-            self._block_firsts: list[int] = self._block_starts.tolist()
-        id_bytes = (counts * len(self.layers) * self.top_k * self._codec.bits + 7) // 8
-        mask_bytes = (counts * len(self.layers) + 7) // 8
-        self._offsets = offsets
-        self._id_starts = np.concatenate([[0], np.cumsum(id_bytes)])
-        self._mask_starts = np.concatenate([[0], np.cumsum(mask_bytes)])
-        # Python ints for the per-read arithmetic (numpy scalars cost a microsecond each)
-        self._starts: tuple[list[int], list[int], list[int]] = (
-            offsets.tolist(),
-            self._id_starts.tolist(),
-            self._mask_starts.tolist(),
-        )
-        if version == "1" and names & {"prompt_lens", "sequence_id_offsets", "sequence_ids"}:
-            raise self._damaged(
-                "it says format version 1 but holds version 2's prompt_lens or sequence_ids"
-            )
-        id_bytes_total = None
-        if "sequence_ids" in names:
-            shape = self._handle.get_slice("sequence_ids").get_shape()
-            if len(shape) != 1:
-                raise self._damaged(f"tensor 'sequence_ids' is [{shape}], not 1-D bytes")
-            id_bytes_total = int(shape[0])
-        sizes = Sizes(
-            sequences,
-            tokens,
-            int(self._id_starts[-1]),
-            int(self._mask_starts[-1]),
-            self._has_tokens,
-            has_prompt_lens="prompt_lens" in names,
-            sequence_id_bytes=id_bytes_total,
-            blocks=None if self._block_starts is None else int(self._block_starts[-1]),
-        )
-        specs = tensor_specs(self._codec, sizes)
-        expected = {spec.name for spec in specs}
-        if names != expected:
-            raise self._damaged(f"it holds tensors {sorted(names)}, expected {sorted(expected)}")
-        for spec in specs:
-            self._check_tensor(spec)
-        self._checksums = self._handle.get_tensor("checksums")
-        self._check_crc("checksums", self._checksums, fields.integer("checksums_crc32"))
-        if self._block_starts is not None:
-            self._read_blocks(fields)
-        self._read_facts(fields, sizes)
-
-    def _read_blocks(self, fields: HeaderFields) -> None:
-        """Version 3's block checksums: checksummed, and each sequence's checksum the
-        crc32 of its blocks' (so that no block checksum moved to another sequence)."""
-        assert self._block_starts is not None
-        blocks = self._handle.get_tensor("block_checksums")
-        self._check_crc("block_checksums", blocks, fields.integer("block_checksums_crc32"))
-        raw = np.ascontiguousarray(blocks, dtype="<u4").tobytes()
-        for index, (b0, b1) in enumerate(itertools.pairwise(self._block_starts.tolist())):
-            if zlib.crc32(raw[4 * b0 : 4 * b1]) != int(self._checksums[index]):
-                raise self._damaged(
-                    f"sequence {index}'s checksum is not that of its block checksums"
-                )
-        self._block_checksums = blocks.astype(np.uint32)  # native, as block_crcs gives them
-
-    def _read_facts(self, fields: HeaderFields, sizes: Sizes) -> None:
-        """Prompt lengths and sequence ids, checksummed and checked against the index."""
-        self._prompt_lens: np.ndarray[Any, Any] | None = None
-        self._sequence_ids: list[str] | None = None
-        if sizes.has_prompt_lens:
-            lengths = self._handle.get_tensor("prompt_lens")
-            self._check_crc("prompt_lens", lengths, fields.integer("prompt_lens_crc32"))
-            bad = (lengths < 1) | (lengths > np.diff(self._offsets))
-            if bad.any():
-                index = int(bad.argmax())
-                raise self._damaged(
-                    f"sequence {index}'s prompt_len {int(lengths[index])} is not within its "
-                    f"{self.num_tokens(index)} tokens"
-                )
-            self._prompt_lens = lengths
-        if sizes.sequence_id_bytes is not None:
-            ends = self._handle.get_tensor("sequence_id_offsets")
-            raw = self._handle.get_tensor("sequence_ids").tobytes()
-            crc = zlib.crc32(raw, zlib.crc32(np.ascontiguousarray(ends).data))
-            if crc != fields.integer("sequence_ids_crc32"):
-                raise self._damaged("the sequence ids do not match their checksum")
-            if ends[0] != 0 or (np.diff(ends) < 0).any() or ends[-1] != len(raw):
-                raise self._damaged("the sequence id offsets do not rise from 0 to its bytes")
-            try:
-                ids = [raw[a:b].decode() for a, b in itertools.pairwise(ends.tolist())]
-            except UnicodeDecodeError:
-                raise self._damaged("a sequence id is not UTF-8") from None
-            self._index_of = {sequence_id: i for i, sequence_id in enumerate(ids)}
-            if len(self._index_of) != len(ids):
-                raise self._damaged("two sequences share an id")
-            self._sequence_ids = ids
-
-    def _check_tensor(self, spec: TensorSpec) -> None:
-        if spec.name not in self._handle.keys():  # noqa: SIM118 (not a dict)
-            raise self._damaged(f"it has no {spec.name!r} tensor")
-        view = self._handle.get_slice(spec.name)
-        dtype, shape = view.get_dtype(), tuple(view.get_shape())
-        if (dtype, shape) != (spec.dtype, spec.shape):
-            raise self._damaged(
-                f"tensor {spec.name!r} is {dtype} {list(shape)}, the header implies "
-                f"{spec.dtype} {list(spec.shape)}"
-            )
-
-    def _check_crc(self, name: str, values: np.ndarray[Any, Any], expected: int) -> None:
-        found = zlib.crc32(np.ascontiguousarray(values).data)
-        if found != expected:
-            raise self._damaged(
-                f"the {name!r} tensor has checksum {found:08x}, its header says {expected:08x}"
-            )
-
     def _index(self, index: int) -> int:
         if self._handle is None:
             raise TraceFileError(f"{self.path} is closed; open it again with TraceFile(path).")
@@ -469,7 +282,7 @@ class TraceFile:
                 f"{self.path}: a sequence index is an integer, found {index!r}; look a "
                 "sequence id up with index_of."
             )
-        count = len(self._starts[0]) - 1
+        count = len(self._ix.starts[0]) - 1
         if not -count <= index < count:
             raise IndexError(f"{self.path} holds {count} sequences; there is no sequence {index}.")
         return index % count
@@ -485,30 +298,30 @@ class TraceFile:
         """The experts, routed and tokens bytes of sequence `index` from token `first`
         (returned last) on, holding tokens `start .. stop - 1`, checksums verified: the
         blocks that hold them (version 3), else the whole sequence."""
-        token_starts, id_starts, mask_starts = self._starts
+        token_starts, id_starts, mask_starts = self._ix.starts
         t0, t1 = token_starts[index], token_starts[index + 1]
         first, last = 0, t1 - t0  # the tokens read: whole blocks, or the whole sequence
-        if self._block_starts is not None:
-            block = self._block_tokens
+        if self._ix.block_starts is not None:
+            block = self._ix.block_tokens
             first, last = start // block * block, min(-(-stop // block) * block, t1 - t0)
         if self.encoding == "compact":
             ids = self._slice("experts", t0 + first, t0 + last).reshape(-1).view(np.uint8)
         else:  # a sequence's packed bytes end padded: its last token's block takes them
             id_start = id_starts[index]
-            id_end = id_start + self._codec.id_bytes(last)
+            id_end = id_start + self._ix.codec.id_bytes(last)
             if last == t1 - t0:
                 id_end = id_starts[index + 1]
-            ids = self._slice("experts", id_start + self._codec.id_bytes(first), id_end)
+            ids = self._slice("experts", id_start + self._ix.codec.id_bytes(first), id_end)
         mask_start = mask_starts[index]
-        mask_end = mask_start + self._codec.mask_bytes(last)
+        mask_end = mask_start + self._ix.codec.mask_bytes(last)
         if last == t1 - t0:
             mask_end = mask_starts[index + 1]
-        mask = self._slice("routed", mask_start + self._codec.mask_bytes(first), mask_end)
+        mask = self._slice("routed", mask_start + self._ix.codec.mask_bytes(first), mask_end)
         token_ids = None
-        if self._has_tokens:
+        if self._ix.has_tokens:
             token_ids = self._slice("tokens", t0 + first, t0 + last).view(np.uint8)
-        if self._block_starts is None:
-            found, expected = sequence_crc(ids, mask, token_ids), int(self._checksums[index])
+        if self._ix.block_starts is None:
+            found, expected = sequence_crc(ids, mask, token_ids), int(self._ix.checksums[index])
             if found != expected:
                 raise TraceFileError(
                     f"{self.path}: sequence {index} is damaged: its bytes have checksum "
@@ -517,14 +330,14 @@ class TraceFile:
                 )
             return ids, mask, token_ids, first
         found_blocks = block_crcs(
-            self._codec, last - first, ids, mask, token_ids, self._block_tokens
+            self._ix.codec, last - first, ids, mask, token_ids, self._ix.block_tokens
         )
-        b0 = self._block_firsts[index] + first // self._block_tokens
-        stored = self._block_checksums[b0 : b0 + found_blocks.size]
+        b0 = self._ix.block_firsts[index] + first // self._ix.block_tokens
+        stored = self._ix.block_checksums[b0 : b0 + found_blocks.size]
         if found_blocks.tobytes() != stored.tobytes():  # the rare case compares in detail
             bad = int(np.flatnonzero(found_blocks != stored)[0])
-            begin = first + bad * self._block_tokens
-            end = min(begin + self._block_tokens, t1 - t0) - 1
+            begin = first + bad * self._ix.block_tokens
+            end = min(begin + self._ix.block_tokens, t1 - t0) - 1
             raise TraceFileError(
                 f"{self.path}: sequence {index} is damaged: its tokens {begin}..{end} have "
                 f"checksum {int(found_blocks[bad]):08x}, the index says "
@@ -550,10 +363,10 @@ class TraceFile:
 
     def _decoded_tokens(self, index: int, first: int, stop: int) -> int:
         """Tokens in the bytes `_read_rows` returned for a range ending at `stop`."""
-        tokens = self._starts[0][index + 1] - self._starts[0][index]
-        if self._block_starts is None:
+        tokens = self._ix.starts[0][index + 1] - self._ix.starts[0][index]
+        if self._ix.block_starts is None:
             return tokens
-        return min(-(-stop // self._block_tokens) * self._block_tokens, tokens) - first
+        return min(-(-stop // self._ix.block_tokens) * self._ix.block_tokens, tokens) - first
 
     def _slice(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
         """Rows `start:stop` of one tensor, read lazily (only those bytes)."""
