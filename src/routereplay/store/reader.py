@@ -139,9 +139,8 @@ class TraceFile:
         """
         index = self._index(index)
         start, stop = self._token_range(index, start, stop)
-        ids, mask, token_ids, first = self._read_rows(index, start, stop)
-        count = self._decoded_tokens(index, first, stop)
-        experts = self._ix.codec.decode(ids, mask, count)[start - first : stop - first]
+        ids, mask, token_ids, first, last = self._read_rows(index, start, stop)
+        experts = self._ix.codec.decode(ids, mask, last - first)[start - first : stop - first]
         # The token ids were read for the checksum anyway: the trace knows its tokens.
         if token_ids is not None:
             token_ids = token_ids.view("<i4")[start - first : stop - first]
@@ -289,15 +288,15 @@ class TraceFile:
 
     def _read_sequence(self, index: int) -> tuple[Bytes, Bytes, Bytes | None]:
         """Sequence `index`'s experts, routed and tokens bytes, checksums verified."""
-        ids, mask, token_ids, _ = self._read_rows(index, 0, self.num_tokens(index))
+        ids, mask, token_ids, _, _ = self._read_rows(index, 0, self.num_tokens(index))
         return ids, mask, token_ids
 
     def _read_rows(
         self, index: int, start: int, stop: int
-    ) -> tuple[Bytes, Bytes, Bytes | None, int]:
-        """The experts, routed and tokens bytes of sequence `index` from token `first`
-        (returned last) on, holding tokens `start .. stop - 1`, checksums verified: the
-        blocks that hold them (version 3), else the whole sequence."""
+    ) -> tuple[Bytes, Bytes, Bytes | None, int, int]:
+        """The experts, routed and tokens bytes of sequence `index`'s tokens `first ..
+        last - 1` (returned after them), holding tokens `start .. stop - 1`, checksums
+        verified: the blocks that hold them (version 3), else the whole sequence."""
         token_starts, id_starts, mask_starts = self._ix.starts
         t0, t1 = token_starts[index], token_starts[index + 1]
         first, last = 0, t1 - t0  # the tokens read: whole blocks, or the whole sequence
@@ -328,7 +327,7 @@ class TraceFile:
                     f"{found:08x}, the index says {expected:08x}. The file changed after it "
                     "was written; the other sequences can still be read."
                 )
-            return ids, mask, token_ids, first
+            return ids, mask, token_ids, first, last
         found_blocks = block_crcs(
             self._ix.codec, last - first, ids, mask, token_ids, self._ix.block_tokens
         )
@@ -344,7 +343,7 @@ class TraceFile:
                 f"{int(stored[bad]):08x}. The file changed after it was written; the other "
                 "sequences (and this one's other blocks) can still be read."
             )
-        return ids, mask, token_ids, first
+        return ids, mask, token_ids, first, last
 
     def _token_range(self, index: int, start: int, stop: int | None) -> tuple[int, int]:
         tokens = self.num_tokens(index)
@@ -360,13 +359,6 @@ class TraceFile:
                 f"it has {tokens} (0 <= start <= stop <= {tokens})."
             )
         return int(start), int(stop)
-
-    def _decoded_tokens(self, index: int, first: int, stop: int) -> int:
-        """Tokens in the bytes `_read_rows` returned for a range ending at `stop`."""
-        tokens = self._ix.starts[0][index + 1] - self._ix.starts[0][index]
-        if self._ix.block_starts is None:
-            return tokens
-        return min(-(-stop // self._ix.block_tokens) * self._ix.block_tokens, tokens) - first
 
     def _slice(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
         """Rows `start:stop` of one tensor, read lazily (only those bytes)."""
