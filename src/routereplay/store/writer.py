@@ -96,7 +96,7 @@ class TraceWriter:
         self._id_index: dict[str, int] = {}
         self._spill: IO[bytes] | None = take_partial(self.spill_path, self.path)
         try:
-            self._header_size = len(self._header(_LARGEST_COUNT))
+            self._header_size = len(self._header(self._fact_tensors(), largest=_LARGEST_COUNT))
             self._spill.seek(self._header_size)  # the ids follow the header's room
             # Unnamed (O_TMPFILE where there is one): nothing is left if this process dies.
             self._sides = {
@@ -411,10 +411,10 @@ class TraceWriter:
             blocks=len(self._block_checksums),
         )
 
-    def _header(self, largest: int | None = None) -> bytes:
-        """The file's header; with `largest`, the longest header any file of this
-        writer's layout can have (every count `largest`, every tensor there)."""
-        facts = self._fact_tensors()
+    def _header(self, facts: dict[str, bytes], largest: int | None = None) -> bytes:
+        """The file's header over `facts` (`_fact_tensors`); with `largest`, the longest
+        header any file of this writer's layout can have (every count `largest`, every
+        tensor there)."""
         sizes, metadata = self._sizes(facts), self._metadata(facts)
         if largest is not None:
             sizes = Sizes(largest, largest, largest, largest, True, True, largest, largest)
@@ -445,7 +445,7 @@ class TraceWriter:
             else:
                 out.write(facts[spec.name])
         out.seek(0)
-        out.write(self._header())
+        out.write(self._header(facts))
         out.flush()
         if self.durable:
             os.fsync(out.fileno())
