@@ -128,3 +128,20 @@ def test_the_default_demo_cuts_the_k3_kl_at_least_twofold_under_r3() -> None:
     assert summary["R3"]["routing_disagreement"] == 0.0
     assert summary["R3"]["counterfactual_disagreement"] > 0
     assert summary["none"]["mismatch"]["k3_kl"] >= 2 * summary["R3"]["mismatch"]["k3_kl"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "schemes", "message"),
+    [
+        (0, ("none",), r"steps must be at least 1, found 0"),
+        (2, ("none", "R4"), r"Unknown schemes \['R4'\]; choose from"),
+    ],
+)
+def test_both_demos_refuse_a_request_they_cannot_run(
+    steps: int, schemes: tuple[str, ...], message: str
+) -> None:
+    from routereplay.demo.megatron_run import run_megatron_demo
+
+    for demo in (run_demo, run_megatron_demo):
+        with pytest.raises(ValueError, match=message):
+            demo(steps=steps, schemes=schemes)  # type: ignore[arg-type]

@@ -35,7 +35,7 @@ from routereplay.demo.megatron_model import (
 )
 from routereplay.demo.megatron_ranks import Progress, run_on_ranks
 from routereplay.demo.model import WarmUp
-from routereplay.demo.run import demo_result, summarise
+from routereplay.demo.run import check_request, demo_result, summarise
 from routereplay.demo.task import SortDigits
 from routereplay.demo.trainer import TrainerBatch
 from routereplay.pipeline_split import PipelineSplit
@@ -71,11 +71,7 @@ def run_megatron_demo(
     Returns the transformers demo's result shape (`run.run_demo`), plus per R3 step
     `audits.verl_mapping` and `summary.verl_mapping`.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, found {steps}.")
-    unknown = [s for s in schemes if s not in SCHEMES]
-    if unknown:
-        raise ValueError(f"Unknown schemes {unknown}; choose from {list(SCHEMES)}.")
+    check_request(steps, schemes)
     model = model or MegatronModel()
     split = pipeline_split(model, pp, vp, first_stage_layers, last_stage_layers)
     body = partial(

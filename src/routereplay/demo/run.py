@@ -43,11 +43,7 @@ def run_demo(
     "warm_up", and per scheme under "modes" its "steps" (one report each, see
     `grpo.step_report`) and "summary" (means over steps), plus "seconds".
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, found {steps}.")
-    unknown = [s for s in schemes if s not in SCHEMES]
-    if unknown:
-        raise ValueError(f"Unknown schemes {unknown}; choose from {list(SCHEMES)}.")
+    check_request(steps, schemes)
     grpo = grpo or GRPOSettings()
     warm_up = warm_up or WarmUp()
     task = task or SortDigits()
@@ -87,6 +83,15 @@ def run_demo(
     config = {**DEFAULT_MODEL_CONFIG, **(model_config or {})}
     run_settings = {"steps": steps, "seed": seed, "modes": list(schemes), "model_config": config}
     return demo_result(run_settings, layout, grpo, warm_up, task, warm_up_summary, results, start)
+
+
+def check_request(steps: int, schemes: Sequence[Scheme]) -> None:
+    """Raise `ValueError` unless a demo was asked for at least one step of known schemes."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, found {steps}.")
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise ValueError(f"Unknown schemes {unknown}; choose from {list(SCHEMES)}.")
 
 
 def demo_result(
