@@ -261,37 +261,35 @@ def test_r2_where_trl_skips_the_old_logps_pass_says_so(
     assert "routing cannot go stale and stays native" in caplog.text
 
 
-def test_an_old_logps_pass_that_bypasses_the_adapter_is_an_error(tmp_path: Path) -> None:
-    class Bypassing(ObservedTrainer):
-        def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
-            return TRLGRPOTrainer._get_per_token_logps_and_entropies(self, *args, **kwargs)
+@pytest.mark.parametrize(
+    ("method", "mode", "message"),
+    [
+        # An old-log-prob pass that goes around the adapter records nothing for R2.
+        (
+            "_get_per_token_logps_and_entropies",
+            "R2",
+            r"TRL computed old log-probs without calling",
+        ),
+        # A sampling path that goes around it keeps no rollout routes for R3.
+        ("_generate_single_turn", "R3", r"found no rollout routes for this batch"),
+    ],
+)
+def test_a_trl_pass_that_bypasses_the_adapter_is_an_error(
+    tmp_path: Path, method: str, mode: str, message: str
+) -> None:
+    def trl_own(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(TRLGRPOTrainer, method)(self, *args, **kwargs)
 
-    trainer = Bypassing(
+    bypassing = type("Bypassing", (ObservedTrainer,), {method: trl_own})
+    trainer = bypassing(
         model=policy(),
         reward_funcs=length_reward,
         args=config(tmp_path, max_steps=1),
         train_dataset=prompts(),
         processing_class=tokenizer(),
-        router_replay="R2",
+        router_replay=mode,
     )
-    with pytest.raises(SetupError, match=r"TRL computed old log-probs without calling"):
-        trainer.train()
-
-
-def test_r3_with_a_sampling_path_that_kept_no_routes_is_an_error(tmp_path: Path) -> None:
-    class Bypassing(ObservedTrainer):
-        def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
-            return TRLGRPOTrainer._generate_single_turn(self, *args, **kwargs)
-
-    trainer = Bypassing(
-        model=policy(),
-        reward_funcs=length_reward,
-        args=config(tmp_path, max_steps=1),
-        train_dataset=prompts(),
-        processing_class=tokenizer(),
-        router_replay="R3",
-    )
-    with pytest.raises(SetupError, match=r"found no rollout routes for this batch"):
+    with pytest.raises(SetupError, match=message):
         trainer.train()
 
 
