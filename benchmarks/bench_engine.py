@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import torch
+from tiny_moe import random_qwen3_moe
 
 import routereplay
 from routereplay.engines.hf import RecordingEngine, SamplingParams
@@ -28,28 +29,17 @@ CASES = ("native", "attached", "record")
 
 
 def build_model(args: argparse.Namespace) -> Any:
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    config = Qwen3MoeConfig(
-        vocab_size=1024,
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        moe_intermediate_size=args.hidden // 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 64),
+    return random_qwen3_moe(
+        hidden=args.hidden,
+        layers=args.layers,
+        experts=args.experts,
+        top_k=args.top_k,
+        heads=max(1, args.hidden // 64),
+        vocab=1024,
+        positions=args.prompt + args.new + 8,
         head_dim=64 if args.hidden >= 64 else args.hidden,
-        num_experts=args.experts,
-        num_experts_per_tok=args.top_k,
         norm_topk_prob=True,
-        max_position_embeddings=args.prompt + args.new + 8,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for module in model.modules():
-        if type(module).__name__.endswith("TopKRouter"):
-            torch.nn.init.normal_(module.weight, std=0.5)
-    return model
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tiny_moe import random_qwen3_moe
 
 import routereplay
 from routereplay.integrations.hf import find_routers
@@ -52,31 +53,17 @@ WARMUP_STEPS = 2
 
 
 def build_model(args: argparse.Namespace) -> Any:
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    heads = max(1, args.hidden // 64)
-    config = Qwen3MoeConfig(
-        vocab_size=VOCAB,
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,  # unused: every layer is sparse
-        moe_intermediate_size=args.hidden // 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=args.hidden // heads,
-        num_experts=args.experts,
-        num_experts_per_tok=args.top_k,
+    return random_qwen3_moe(
+        hidden=args.hidden,
+        layers=args.layers,
+        experts=args.experts,
+        top_k=args.top_k,
+        heads=max(1, args.hidden // 64),
+        vocab=VOCAB,
+        positions=max(args.tokens // args.batch, 128),
         norm_topk_prob=True,
-        max_position_embeddings=max(args.tokens // args.batch, 128),
         tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Routers start at zero in some families: give them real, distinct logits.
-    for module in model.modules():
-        if type(module).__name__.endswith("TopKRouter"):
-            torch.nn.init.normal_(module.weight, std=0.5)
-    return model.train()
+    ).train()
 
 
 def median(values: list[float]) -> float:

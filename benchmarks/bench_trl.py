@@ -32,36 +32,25 @@ import warnings
 from typing import Any
 
 import torch
+from tiny_moe import random_qwen3_moe
 
 CASES = ("off", "R2", "R3")
 VOCAB = 512
 
 
 def build_model(args: argparse.Namespace) -> Any:
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    heads = max(1, args.hidden // 32)
-    config = Qwen3MoeConfig(
-        vocab_size=VOCAB,
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        moe_intermediate_size=args.hidden // 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=args.hidden // heads,
-        num_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-        max_position_embeddings=256,
+    model = random_qwen3_moe(
+        hidden=args.hidden,
+        layers=args.layers,
+        experts=args.experts,
+        top_k=args.top_k,
+        heads=max(1, args.hidden // 32),
+        vocab=VOCAB,
+        positions=256,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for module in model.modules():
-        if type(module).__name__.endswith("TopKRouter"):
-            torch.nn.init.normal_(module.weight, std=0.5)
     # A few stop tokens: completions of several lengths, so padding on both sides.
     model.generation_config.eos_token_id = [2, 3, 4, 5]
     model.generation_config.pad_token_id = 0
