@@ -179,7 +179,7 @@ def placed_rows(
     if out is None:
         placed = torch.empty((num_tokens, *routed.shape[1:]), dtype=dtype)
     else:
-        placed = _out_tensor(out, (num_tokens, *routed.shape[1:]), dtype)
+        placed = _out_tensor(out, (num_tokens, *routed.shape[1:]), num_experts)
     placed[:start] = NO_ROUTE
     placed[start + rows :] = NO_ROUTE
     target = placed.numpy()[start : start + rows]
@@ -193,10 +193,10 @@ def placed_rows(
 
 
 def _out_tensor(
-    out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: torch.dtype
+    out: np.ndarray[Any, Any], shape: tuple[int, ...], num_experts: int
 ) -> torch.Tensor:
     # Compared as numpy dtypes before torch sees it: torch refuses a foreign byte order.
-    native = torch.empty(0, dtype=dtype).numpy().dtype
+    native = storage_numpy_dtype(num_experts)
     if (
         not isinstance(out, np.ndarray)
         or out.dtype != native
@@ -205,8 +205,8 @@ def _out_tensor(
     ):
         found = f"{out.dtype} {list(out.shape)}" if isinstance(out, np.ndarray) else type(out)
         raise TraceError(
-            f"out must be a writable C-contiguous numpy array of {dtype} {list(shape)}, "
-            f"found {found}."
+            f"out must be a writable C-contiguous numpy array of {storage_dtype(num_experts)} "
+            f"{list(shape)}, found {found}."
         )
     return torch.from_numpy(out)
 
