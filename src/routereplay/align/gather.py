@@ -25,6 +25,21 @@ from routereplay.trace import RoutingTrace
 SHORTEST_SEQUENCE = 256
 
 
+class SequenceAxis:
+    """A batch's token axis, its sequences end to end: where each begins (`starts
+    [sequences]`), and the runs of one sequence's consecutive rows on a plan over it."""
+
+    def __init__(self, lengths: torch.Tensor) -> None:
+        self.lengths = lengths
+        self.starts = starts(lengths)
+        self._is_start = torch.zeros(int(lengths.sum()) + 1, dtype=torch.bool)
+        self._is_start[self.starts] = True
+
+    def runs(self, plan: TokenPlan) -> Runs:
+        """`plan`'s runs, padding left out (see `token_runs`)."""
+        return token_runs(plan, self.starts, self._is_start)
+
+
 class SequenceTraces:
     """Per-sequence traces `[lengths[i], layers, top_k]` of one batch, checked once and
     read by any number of plans over the batch's token axis (sequences end to end)."""
@@ -33,10 +48,7 @@ class SequenceTraces:
         check_sequence_traces(traces, lengths, whose="the plan's ")
         self.traces = list(traces)
         self.first = traces[0]
-        self.starts = starts(lengths)  # [sequences]: each one's first row
-        self.lengths = lengths
-        self._is_start = torch.zeros(int(lengths.sum()) + 1, dtype=torch.bool)
-        self._is_start[self.starts] = True
+        self.axis = SequenceAxis(lengths)
         self._tokens = (
             torch.cat([t.tokens for t in traces if t.tokens is not None])
             if self.first.tokens is not None
@@ -48,11 +60,11 @@ class SequenceTraces:
         padding -1, copied from the traces once."""
         kept = layer_runs(self.first, self.first.layers if layers is None else layers)
         host = self.first.experts.device.type == "cpu"
-        short = int(self.lengths.sum()) < SHORTEST_SEQUENCE * len(self.traces)
+        short = int(self.axis.lengths.sum()) < SHORTEST_SEQUENCE * len(self.traces)
         if host and short and plan.num_tokens:
             experts = self._join_and_take(plan, kept)
         else:
-            runs = token_runs(plan, self.starts, self._is_start)
+            runs = self.axis.runs(plan)
             experts = torch.empty(
                 (plan.num_tokens, len(kept.layers), self.first.top_k),
                 dtype=self.first.experts.dtype,
@@ -89,9 +101,9 @@ class SequenceTraces:
         the kept layers of each row."""
         real = plan.rows >= 0
         rows = plan.rows.clamp(min=0)
-        owner = torch.searchsorted(self.starts, rows, right=True) - 1
+        owner = torch.searchsorted(self.axis.starts, rows, right=True) - 1
         sequences = torch.unique(owner[real])  # sorted
-        lengths = self.lengths[sequences]
+        lengths = self.axis.lengths[sequences]
         total = int(lengths.sum())
         pieces = [self.traces[i].experts for i in sequences.tolist()]
         table = torch.empty(
@@ -102,7 +114,7 @@ class SequenceTraces:
         table[total] = PAD
         joined_starts = torch.zeros(len(self.traces), dtype=torch.int64)
         joined_starts[sequences] = starts(lengths)
-        index = torch.where(real, joined_starts[owner] + rows - self.starts[owner], total)
+        index = torch.where(real, joined_starts[owner] + rows - self.axis.starts[owner], total)
         source, at = table.numpy(), index.numpy()
         parts = [source[at, first:end] for first, end in kept.runs]
         return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))

@@ -15,8 +15,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from routereplay.align.gather import copy_run, token_runs
-from routereplay.align.plan import PAD, TokenPlan, layer_runs, starts
+from routereplay.align.gather import SequenceAxis, copy_run
+from routereplay.align.plan import PAD, TokenPlan, layer_runs
 from routereplay.align.traces import check_lengths
 from routereplay.trace import RoutingTrace
 
@@ -49,14 +49,12 @@ class SourceRanges:
         found = torch.tensor([source.num_tokens(i) for i in range(len(source))], dtype=torch.int64)
         check_lengths(lengths, found, "the plan's lengths say", "the plan's ")
         self.source = source
-        self.starts = starts(lengths)
-        self._is_start = torch.zeros(int(lengths.sum()) + 1, dtype=torch.bool)
-        self._is_start[self.starts] = True
+        self.axis = SequenceAxis(lengths)
 
     def gather(self, plan: TokenPlan, layers: Sequence[int] | None = None) -> RoutingTrace:
         """`plan`'s rows `[*plan.token_shape, layers, top_k]` (only `layers`, when given),
         padding -1: each run read as one token range, then copied once."""
-        runs = token_runs(plan, self.starts, self._is_start).as_list()
+        runs = self.axis.runs(plan).as_list()
 
         def read(sequence: int, row: int, count: int) -> RoutingTrace:
             return self.source.trace(sequence, row, row + count)
