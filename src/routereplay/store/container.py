@@ -28,10 +28,6 @@ READABLE_VERSIONS = (1, 2, 3)
 BLOCK_TOKENS = 32
 
 
-def num_blocks(tokens: int, block_tokens: int = BLOCK_TOKENS) -> int:
-    """Checksummed blocks of a sequence of `tokens` tokens (the last one partial)."""
-    return -(-tokens // block_tokens)
-
 
 @dataclass(frozen=True)
 class Sizes:
