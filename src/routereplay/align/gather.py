@@ -129,10 +129,6 @@ class Runs(NamedTuple):
     rows: torch.Tensor
     counts: torch.Tensor
 
-    @property
-    def num_runs(self) -> int:
-        return self.begins.numel()
-
     def as_list(self) -> list[tuple[int, int, int, int]]:
         columns = (self.begins, self.sequences, self.rows, self.counts)
         return list(zip(*(column.tolist() for column in columns), strict=True))
