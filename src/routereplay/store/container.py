@@ -28,7 +28,6 @@ READABLE_VERSIONS = (1, 2, 3)
 BLOCK_TOKENS = 32
 
 
-
 @dataclass(frozen=True)
 class Sizes:
     """The counts that fix a trace file's tensor shapes and byte lengths."""
